@@ -1,0 +1,1 @@
+"""Built-in datasets (entry-point group ``trainer.datasets``)."""

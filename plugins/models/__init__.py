@@ -1,0 +1,1 @@
+"""Built-in models (entry-point group ``trainer.models``)."""

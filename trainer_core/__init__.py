@@ -1,0 +1,44 @@
+"""trainer-core: a small hook-driven PyTorch training loop; everything else is a plugin.
+
+The public API for plugin authors::
+
+    from trainer_core import hookimpl, Trainer, UsageError
+
+Importing this package is cheap: torch is loaded only when a name that needs
+it (``Trainer``, ``DataBundle``, ...) is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from trainer_core.errors import PluginError, TrainerError, UsageError
+from trainer_core.hookspecs import hookspec
+from trainer_core.pluginmanager import hookimpl, make_plugin_manager
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Trainer": "trainer_core.trainer",
+    "TrainState": "trainer_core.state",
+    "RunConfig": "trainer_core.config",
+    "DataBundle": "trainer_core.data",
+    "TensorSplit": "trainer_core.data",
+    "build_run": "trainer_core.runner",
+}
+
+__all__ = ["PluginError", "TrainerError", "UsageError", "hookimpl", "hookspec", "make_plugin_manager", "__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from trainer_core.config import RunConfig
+    from trainer_core.data import DataBundle, TensorSplit
+    from trainer_core.runner import build_run
+    from trainer_core.state import TrainState
+    from trainer_core.trainer import Trainer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trainer_core' has no attribute '{name}'")

@@ -1,0 +1,55 @@
+"""Checkpoint files: written atomically, read without running code from them."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from trainer_core.errors import UsageError
+from trainer_core.files import atomic_write_with
+
+CHECKPOINT_FOLDER = "checkpoints"
+FORMAT = 1
+
+
+def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` to ``path`` through a temporary file; the previous
+    file at ``path`` stays intact if anything fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(path, lambda handle: torch.save(dict(payload), handle))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data only."""
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"checkpoint {path} was refused: it holds objects other than tensors and plain data, "
+            f"and loading it could run code ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UsageError(f"checkpoint {path} is damaged or not a checkpoint: {str(exc).splitlines()[0]}") from None
+    if not isinstance(payload, dict):
+        raise UsageError(f"checkpoint {path} does not hold a checkpoint (found {type(payload).__name__})")
+    return payload
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint file as given, or the newest complete one in a run folder."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UsageError(f"--resume {path}: no such file or run folder")
+    folder = path / CHECKPOINT_FOLDER if (path / CHECKPOINT_FOLDER).is_dir() else path
+    # Temporary files of an interrupted save start with a dot and are never candidates.
+    found = [p for p in folder.glob("*.pt") if not p.name.startswith(".")]
+    if not found:
+        raise UsageError(f"--resume {path}: no checkpoint in {folder}; enable the checkpoint plugin to write them")
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))

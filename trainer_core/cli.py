@@ -1,0 +1,187 @@
+"""The ``trainer`` command.
+
+Imports stay light at module level: ``trainer --help`` and ``trainer plugins``
+never load torch.  Every error the user can fix is one line on stderr and a
+non-zero exit status; ``--debug`` (or ``TRAINER_DEBUG=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+import pluggy
+
+from trainer_core import __version__
+from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, Registry, conflict_message
+from trainer_core.errors import TrainerError
+from trainer_core.pluginmanager import check_plugin, implemented_hooks, make_plugin_manager
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+debug_option = click.option(
+    "--debug", is_flag=True, envvar="TRAINER_DEBUG", help="Show the full traceback of an error (or set TRAINER_DEBUG=1)."
+)
+
+
+def reports_errors(command: F) -> F:
+    """Turn errors into one line on stderr and an exit status, unless ``--debug``."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except TrainerError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if debug:
+                raise
+            click.echo(f"error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manager) -> click.Group:
+    """Build the ``trainer`` command group; tests pass their own ``pm_factory``."""
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    @click.version_option(__version__, prog_name="trainer")
+    def cli() -> None:
+        """Train PyTorch models with a small loop and pluggable extras.
+
+        \b
+        Start with:  trainer run                  (a small CNN on scikit-learn's digits)
+        Then:        trainer plugins              (what you can turn on)
+                     trainer run --plugins NAME   (turn it on; -o NAME.KEY=VALUE sets its options)
+        """
+
+    @cli.command()
+    @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+                  help="TOML file with settings; command-line options override it.")
+    @click.option("--model", help="Model name from 'trainer models'.  [default: smallcnn]")
+    @click.option("--dataset", help="Dataset name from 'trainer datasets'.  [default: digits]")
+    @click.option("--data-root", help="Folder the dataset reads its files from.")
+    @click.option("--plugins", "plugins", multiple=True, metavar="A,B",
+                  help="Plugins to turn on, comma-separated; 'no:NAME' turns one off (e.g. no:progress).")
+    @click.option("-o", "--option", "overrides", multiple=True, metavar="NAME.KEY=VALUE",
+                  help="An option of a plugin, of 'model' or of 'dataset', e.g. -o steplr.gamma=0.5. Repeatable.")
+    @click.option("--epochs", type=int, help="Number of passes over the training split.  [default: 15]")
+    @click.option("--batch-size", type=int, help="Samples per training step.  [default: 32]")
+    @click.option("--lr", type=float, help="Learning rate.  [default: 0.001]")
+    @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), help="Optimizer.  [default: adam]")
+    @click.option("--momentum", type=float, help="SGD momentum.  [default: 0.9]")
+    @click.option("--weight-decay", type=float, help="Weight decay.  [default: 0]")
+    @click.option("--seed", type=int, help="Seed for initialisation and data order.  [default: 0]")
+    @click.option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.  [default: auto]")
+    @click.option("--log-every", "log_every_n_steps", type=int, help="Steps between training-loss reports.  [default: 50]")
+    @click.option("--name", help="Run folder name under --runs-root.  [default: MODEL-DATASET-TIME]")
+    @click.option("--runs-root", help="Folder that holds run folders.  [default: runs]")
+    @click.option("--run-dir", help="Exact run folder (instead of --runs-root/--name).")
+    @click.option("--resume", "resume_path", type=click.Path(path_type=Path),
+                  help="Continue from a checkpoint file or a run folder (its newest checkpoint).")
+    @click.option("--overwrite", is_flag=True, help="Reuse a run folder that already holds a run.")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress output (same as --plugins no:progress).")
+    @debug_option
+    @reports_errors
+    def run(config_file: Path | None, plugins: tuple[str, ...], overrides: tuple[str, ...], resume_path: Path | None,
+            overwrite: bool, quiet: bool, **settings: Any) -> None:
+        """Train a model and write a run folder (config.toml, metrics.jsonl, summary.json).
+
+        \b
+        Examples:
+          trainer run
+          trainer run --plugins tensorboard,checkpoint --epochs 20
+          trainer run --config recipes/cifar10-convnet.toml -o checkpoint.monitor=val/acc
+        """
+        from trainer_core.checkpointing import find_checkpoint, load_checkpoint
+        from trainer_core.config import resolve_config
+        from trainer_core.runner import build_run
+
+        resume, run_path = None, None
+        if resume_path is not None:
+            checkpoint = find_checkpoint(resume_path)
+            resume = load_checkpoint(checkpoint)
+            run_path = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        config = resolve_config(
+            config_file, settings, [*plugins, *(["no:progress"] if quiet else [])], overrides,
+            base=resume.get("config") if resume else None,
+        )
+        if run_path is not None and (settings.get("run_dir") or settings.get("name")):
+            run_path = None  # the user chose where the resumed run goes
+        trainer = build_run(config, pm=pm_factory(), resume=resume, run_path=run_path, overwrite=overwrite)
+        state = trainer.fit()
+        if not quiet:
+            click.echo(f"run folder: {trainer.run_path}")
+        if state.stop_reason:
+            click.echo(f"stopped early: {state.stop_reason}")
+
+    @cli.command()
+    @debug_option
+    @reports_errors
+    def plugins() -> None:
+        """List installed plugins: distribution, hooks and options.
+
+        A plugin that fails to load shows its error in its row.
+        """
+        from trainer_core.options import options_of
+
+        registry = Registry(PLUGINS)
+        if not registry.names():
+            click.echo("no plugins installed")
+        for entries in registry.entries():
+            entry = entries[0]
+            click.echo(f"{entry.name}  ({entry.distribution})  {entry.value}")
+            if len(entries) > 1:
+                click.echo(f"    error: {conflict_message(entries)}")
+                continue
+            try:
+                target = entry.load()
+                check_plugin(pm_factory(), entry.name, target, entry.describe())
+            except TrainerError as exc:
+                click.echo(f"    error: {exc}")
+                continue
+            summary = (inspect.getdoc(target) or "").split("\n\n")[0].replace("\n", " ")
+            if summary:
+                click.echo(f"    {summary}")
+            click.echo(f"    hooks: {', '.join(implemented_hooks(pm_factory(), target)) or 'none'}")
+            options = options_of(target) if inspect.isclass(target) else []
+            click.echo(f"    options: {'; '.join(o.describe() for o in options) or 'none'}")
+
+    def lister(group: str, kind: str) -> Callable[[], None]:
+        @debug_option
+        @reports_errors
+        def show() -> None:
+            registry = Registry(group)
+            if not registry.names():
+                click.echo(f"no {kind}s installed")
+            for entries in registry.entries():
+                for entry in entries:
+                    click.echo(f"{entry.name}  ({entry.distribution})  {entry.value}")
+                if len(entries) > 1:
+                    click.echo(f"    error: {conflict_message(entries)}")
+
+        show.__doc__ = f"List installed {kind}s and the distribution of each (nothing is imported)."
+        return show
+
+    cli.command("models")(lister(MODELS, "model"))
+    cli.command("datasets")(lister(DATASETS, "dataset"))
+    return cli
+
+
+def main() -> None:
+    """Console-script entry point."""
+    make_cli()(prog_name="trainer")
+

@@ -1,0 +1,194 @@
+"""The resolved settings of one run: defaults, then a TOML file, then the
+command line, checked once before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+from trainer_core.errors import UsageError
+from trainer_core.options import coerce
+from trainer_core.suggest import did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_PLUGINS = ("progress",)
+RESERVED_OWNERS = ("model", "dataset")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs to be built; written to the run folder as ``config.toml``."""
+
+    model: str = "smallcnn"
+    dataset: str = "digits"
+    data_root: str | None = None
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    log_every_n_steps: int = 50
+    name: str | None = None
+    run_dir: str | None = None
+    runs_root: str = "runs"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    plugins: dict[str, dict[str, Any]] = field(default_factory=lambda: {name: {} for name in DEFAULT_PLUGINS})
+
+    def validate(self) -> RunConfig:
+        """Raise :class:`UsageError` for a value out of range; return self."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})"),
+            (self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})"),
+            (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})"),
+            (self.log_every_n_steps >= 1, f"log_every_n_steps must be >= 1 (got {self.log_every_n_steps})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        return self
+
+    def to_toml(self) -> dict[str, Any]:
+        """A TOML-ready mapping that :func:`load_config` reads back to an equal config."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("model", "dataset"):
+                out[f.name] = {"name": value, **getattr(self, f"{f.name}_options")}
+            elif f.name == "plugins":
+                out["plugins"] = {name: dict(opts) for name, opts in value.items()}
+                out["plugins"].update({name: False for name in DEFAULT_PLUGINS if name not in value})
+            elif not f.name.endswith("_options") and value is not None:
+                out[f.name] = value
+        return out
+
+
+# Settings with a single value, settable by name from a file or the command line.
+SCALAR_FIELDS = {
+    name: hint
+    for name, hint in typing.get_type_hints(RunConfig).items()
+    if name not in ("model_options", "dataset_options", "plugins")
+}
+
+
+def set_field(config: RunConfig, key: str, value: Any, where: str) -> None:
+    """Coerce ``value`` to the type of ``key`` and set it; unknown keys are errors."""
+    if key not in SCALAR_FIELDS:
+        raise UsageError(f"unknown setting '{key}' in {where}{did_you_mean(key, SCALAR_FIELDS)}; "
+                         f"known settings: {', '.join(SCALAR_FIELDS)}")
+    try:
+        setattr(config, key, coerce(value, SCALAR_FIELDS[key]))
+    except ValueError:
+        raise UsageError(f"setting '{key}' in {where} has invalid value {value!r} "
+                         f"(expected {_describe(SCALAR_FIELDS[key])})") from None
+
+
+def _describe(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(args)
+    names = [getattr(a, "__name__", str(a)) for a in args] or [getattr(annotation, "__name__", str(annotation))]
+    return " or ".join(n.replace("NoneType", "nothing") for n in names)
+
+
+def load_config(path: Path, config: RunConfig | None = None) -> RunConfig:
+    """Read a TOML config file onto ``config`` (defaults when omitted)."""
+    config = config or RunConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    return apply_mapping(config, data, f"config file {path}")
+
+
+def apply_mapping(config: RunConfig, data: Mapping[str, Any], where: str) -> RunConfig:
+    """Apply a parsed config (a TOML file, or the one saved in a checkpoint) onto ``config``."""
+    for key, value in data.items():
+        if key in RESERVED_OWNERS and isinstance(value, dict):
+            options = dict(value)
+            if "name" in options:
+                set_field(config, key, options.pop("name"), where)
+            getattr(config, f"{key}_options").update(options)
+        elif key == "plugins":
+            _apply_plugin_table(config, value, where)
+        else:
+            set_field(config, key, value, where)
+    return config
+
+
+def _apply_plugin_table(config: RunConfig, table: Any, where: str) -> None:
+    if not isinstance(table, dict):
+        raise UsageError(f"'plugins' in {where} must be a table: write [plugins.NAME] sections")
+    for name, value in table.items():
+        if value is False:
+            config.plugins.pop(name, None)
+        elif value is True:
+            config.plugins.setdefault(name, {})
+        elif isinstance(value, dict):
+            config.plugins.setdefault(name, {}).update(value)
+        else:
+            raise UsageError(f"plugins.{name} in {where} must be a table of options, true or false")
+
+
+def apply_plugin_list(config: RunConfig, spec: Iterable[str]) -> None:
+    """Enable ``name`` or disable ``no:name`` for each comma-separated entry."""
+    for item in (part.strip() for chunk in spec for part in chunk.split(",")):
+        if not item:
+            continue
+        if item.startswith("no:"):
+            config.plugins.pop(item[3:], None)
+        else:
+            config.plugins.setdefault(item, {})
+
+
+def apply_option_overrides(config: RunConfig, overrides: Iterable[str]) -> None:
+    """Apply ``-o owner.key=value`` overrides for plugins, the model and the dataset."""
+    for text in overrides:
+        owner_key, sep, value = text.partition("=")
+        owner, dot, key = owner_key.strip().partition(".")
+        if not sep or not dot or not owner or not key:
+            raise UsageError(f"option '{text}' is not of the form NAME.KEY=VALUE (e.g. -o steplr.gamma=0.5)")
+        if owner in RESERVED_OWNERS:
+            getattr(config, f"{owner}_options")[key] = value
+        elif owner in config.plugins:
+            config.plugins[owner][key] = value
+        else:
+            raise UsageError(f"option '{owner}.{key}' is for plugin '{owner}', which is not enabled; add --plugins {owner}")
+
+
+def resolve_config(
+    config_file: Path | None = None,
+    settings: Mapping[str, Any] | None = None,
+    plugins: Iterable[str] = (),
+    overrides: Iterable[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Defaults, then ``base`` (a resumed run's saved config), then
+    ``config_file``, then command-line ``settings`` (``None`` values are
+    skipped), the ``--plugins`` list and ``-o`` overrides."""
+    config = apply_mapping(RunConfig(), base, "the checkpoint's config") if base is not None else RunConfig()
+    if config_file is not None:
+        load_config(config_file, config)
+    for key, value in (settings or {}).items():
+        if value is not None:
+            set_field(config, key, value, "the command line")
+    apply_plugin_list(config, plugins)
+    apply_option_overrides(config, overrides)
+    return config.validate()

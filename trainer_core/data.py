@@ -1,0 +1,153 @@
+"""What a dataset provides, and how the loop turns it into batches.
+
+Small datasets live in memory as tensors and are batched by indexing with a
+permutation; larger ones are any ``torch.utils.data.Dataset`` and go through
+a ``DataLoader``.  Either way the order of an epoch depends only on the seed
+and the epoch number, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass
+class TensorSplit:
+    """One split held in memory.
+
+    :ivar inputs: ``N x C x H x W`` images, ``uint8`` (scaled by 1/255 per
+        batch) or floating point (used as is before normalisation).
+    :ivar targets: ``N`` class indices (``int64``).
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(f"{len(self.inputs)} inputs but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+Split = Union[TensorSplit, Dataset]
+
+
+@dataclass
+class DataBundle:
+    """What a dataset factory returns.
+
+    :ivar train: the training split.
+    :ivar val: the validation split.
+    :ivar classes: a name per class index.
+    :ivar input_shape: shape of one input, e.g. ``(1, 8, 8)``.
+    :ivar mean: per-channel mean subtracted from in-memory batches (after scaling).
+    :ivar std: per-channel standard deviation they are divided by.
+    """
+
+    train: Split
+    val: Split
+    classes: Sequence[str]
+    input_shape: tuple[int, ...]
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled sample order of ``epoch``: a function of seed and epoch only."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(size, generator=generator)
+
+
+class Batches:
+    """Batches of one split on the training device, normalised.
+
+    :param split: in-memory tensors or a ``Dataset``.
+    :param shuffle: draw a new order each epoch (training) or keep the order (evaluation).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self.size = len(split)  # type: ignore[arg-type]
+        if isinstance(split, TensorSplit):
+            # Held on the training device once, so a batch is an index, not a copy from the host.
+            self.tensors: TensorSplit | None = TensorSplit(split.inputs.to(device), split.targets.to(device))
+            self.dataset = None
+        else:
+            self.tensors = None
+            self.dataset = split
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=device).view(shape) if mean is not None else None
+        self.std = torch.tensor(std, device=device).view(shape) if std is not None else None
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def iterate(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(inputs, targets)`` for ``epoch``, skipping the first ``start_batch`` batches."""
+        order = epoch_order(self.size, self.seed, epoch) if self.shuffle else None
+        start = start_batch * self.batch_size
+        if self.tensors is not None:
+            yield from self._from_tensors(self.tensors, order, start)
+        else:
+            yield from self._from_loader(order, start)
+
+    def _from_tensors(
+        self, tensors: TensorSplit, order: torch.Tensor | None, start: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if order is not None:
+            order = order.to(self.device)
+        for first in range(start, self.size, self.batch_size):
+            if order is None:
+                inputs = tensors.inputs[first : first + self.batch_size]
+                targets = tensors.targets[first : first + self.batch_size]
+            else:
+                index = order[first : first + self.batch_size]
+                inputs, targets = tensors.inputs[index], tensors.targets[index]
+            yield self._normalise(inputs), targets
+
+    def _from_loader(self, order: torch.Tensor | None, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = (order if order is not None else torch.arange(self.size))[start:].tolist()
+        loader = DataLoader(
+            self.dataset,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            sampler=indices,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for inputs, targets in loader:
+            yield self._normalise(inputs.to(self.device, non_blocking=True)), targets.to(self.device, non_blocking=True)
+
+    def _normalise(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.dtype == torch.uint8:
+            inputs = inputs.float().div_(255)
+        if self.mean is not None:
+            inputs = inputs - self.mean
+        if self.std is not None:
+            inputs = inputs / self.std
+        return inputs

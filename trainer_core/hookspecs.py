@@ -1,0 +1,271 @@
+"""The contract between the training loop and its plugins.
+
+Every hook is called with keyword arguments; an implementation takes only the
+arguments it needs, so adding an argument later breaks nobody.  pluggy calls
+implementations in an order that depends on registration, so no hook here lets
+one plugin see another's effect within the same call: producers *return* data
+that the core merges (``collect_eval_metrics``, ``plugin_state_dict``) and
+consumers read the merged result in a later hook (``on_eval``).
+
+The order of one run with evaluation every epoch::
+
+    on_setup
+    on_fit_start
+    load_plugin_state                       (only when resuming)
+    for each epoch:
+        on_epoch_start
+        for each training batch:
+            on_batch_start
+            on_before_backward
+            on_before_optimizer_step
+            on_batch_end
+            on_train_log                    (every ``log_every_n_steps`` steps)
+        on_train_log                        (the epoch's last, partial interval)
+        on_eval_start
+        on_eval_batch                       (each validation batch)
+        collect_eval_metrics
+        on_eval
+        on_epoch_end
+    on_fit_end
+
+``plugin_state_dict`` runs whenever a checkpoint is written; ``on_exception``
+runs instead of the rest when an exception escapes the loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer_core.trainer import Trainer
+
+PROJECT = "trainer"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec
+def on_setup(trainer: Trainer) -> None:
+    """Called once, after the model is built and moved to its device and
+    before the optimizer is created.
+
+    Change the model here: freeze parameters (the optimizer is then built from
+    the parameters that still require gradients), swap layers, register
+    forward hooks.  ``trainer.optimizer`` is ``None`` during this hook.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_fit_start(trainer: Trainer) -> None:
+    """Called once when everything is built (model, optimizer, data), just
+    before training starts and before any resumed state is loaded.
+
+    Create objects that wrap the optimizer here (learning-rate schedulers),
+    open log writers, validate options against the dataset (for example a
+    metric name) and raise :class:`~trainer_core.UsageError` if they do not fit.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_epoch_start(trainer: Trainer, epoch: int) -> None:
+    """Called at the start of each training epoch, after ``model.train()``.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param epoch: the epoch about to run, counted from 1.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_batch_start(trainer: Trainer, batch_idx: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Called for each training batch, after it is on the device and before
+    the forward pass.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param batch_idx: index of the batch within the epoch, from 0.
+    :param inputs: the batch's inputs, on the training device, normalised.
+    :param targets: the batch's class indices, on the training device.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_before_backward(trainer: Trainer, loss: torch.Tensor) -> None:
+    """Called after the forward pass and the loss, before ``loss.backward()``.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param loss: the batch's mean loss, a 0-dim tensor on the device that still
+        carries its graph.  Reading its value (``loss.item()``) forces a host
+        sync: do it at intervals, not every step.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_before_optimizer_step(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Called after ``loss.backward()`` and before ``optimizer.step()``: the
+    gradients are complete.  Clip, inspect or log gradients here.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param optimizer: the optimizer about to step (also ``trainer.optimizer``).
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_batch_end(
+    trainer: Trainer,
+    batch_idx: int,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    outputs: torch.Tensor,
+    loss: torch.Tensor,
+) -> None:
+    """Called after the optimizer step of each training batch.
+    ``trainer.state.step`` already counts this step.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param batch_idx: index of the batch within the epoch, from 0.
+    :param inputs: the batch's inputs, on the device.
+    :param targets: the batch's class indices, on the device.
+    :param outputs: the model's logits for the batch, detached.
+    :param loss: the batch's mean loss, detached, on the device.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_train_log(trainer: Trainer, metrics: Mapping[str, float]) -> None:
+    """Called every ``log_every_n_steps`` training steps and once more at the
+    end of each epoch for the last, partial interval.  This is the core's only
+    host sync during training: use it to log or print training progress.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param metrics: ``train/loss`` (mean loss over the interval, weighted by
+        batch size), ``train/samples`` (samples in the interval) and ``lr``
+        (learning rate of the first parameter group), as Python floats.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_eval_start(trainer: Trainer) -> None:
+    """Called before each evaluation pass, after ``model.eval()``.
+    Reset per-evaluation accumulators here.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_eval_batch(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor) -> None:
+    """Called for each validation batch, under ``torch.no_grad()``.
+    Metric collectors accumulate on the device here (no ``.item()``).
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param inputs: the batch's inputs, on the device.
+    :param targets: the batch's class indices, on the device.
+    :param outputs: the model's logits for the batch.
+    :return: ignored.
+    """
+
+
+@hookspec
+def collect_eval_metrics(trainer: Trainer) -> Mapping[str, float] | None:
+    """Called after the last validation batch: return the metrics this plugin
+    computed for the evaluation.
+
+    The core merges every plugin's mapping with its own ``val/loss`` and
+    ``val/acc``; two producers of the same name stop the run with an error
+    naming both.  Use names like ``val/acc/<class>``.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :return: a mapping of metric name to a Python number, or ``None``.
+    """
+
+
+@hookspec
+def on_eval(trainer: Trainer, metrics: Mapping[str, float]) -> None:
+    """Called after each evaluation with the merged metrics of the epoch.
+    Consumers (checkpointing, loggers, schedulers on a monitored metric,
+    early stopping) act here.  The same mapping is in ``trainer.state.metrics``
+    and is written to ``metrics.jsonl``.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param metrics: ``epoch``, ``step``, ``train/loss``, ``val/loss``,
+        ``val/acc`` and every collected metric.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_epoch_end(trainer: Trainer, epoch: int) -> None:
+    """Called at the end of each epoch, after its evaluation.  Per-epoch
+    schedulers step here.  Call ``trainer.request_stop(reason)`` to end the
+    run after this epoch.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param epoch: the epoch that just ended, counted from 1.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_fit_end(trainer: Trainer) -> None:
+    """Called once when training ends normally or is stopped by a plugin
+    (``trainer.state.stop_reason`` says why).  Restore best weights, print
+    reports and close writers here.  Not called when an exception escapes;
+    see :func:`on_exception`.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_exception(trainer: Trainer, exception: BaseException) -> None:
+    """Called when an exception escapes the training loop (including
+    ``KeyboardInterrupt``), before it propagates.  Close files and release
+    resources; do not raise.  An exception raised here is reported and does
+    not hide the original one.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param exception: the exception that ended the run.
+    :return: ignored.
+    """
+
+
+@hookspec
+def plugin_state_dict(trainer: Trainer) -> dict[str, Any] | None:
+    """Called when a checkpoint is written: return this plugin's state.
+
+    The core stores each plugin's return value under the plugin's registered
+    name, so two instances of one class never collide.  Return plain Python
+    data and tensors only (checkpoints are loaded with ``weights_only=True``).
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :return: the plugin's state, or ``None`` for nothing to save.
+    """
+
+
+@hookspec
+def load_plugin_state(trainer: Trainer, state: dict[str, Any]) -> None:
+    """Called when a run resumes from a checkpoint, after ``on_fit_start``,
+    with the state this plugin (by registered name) returned from
+    :func:`plugin_state_dict`.  Not called for a plugin that saved nothing.
+
+    :param trainer: the running :class:`~trainer_core.Trainer`.
+    :param state: what this plugin saved.
+    :return: ignored.
+    """

@@ -1,0 +1,111 @@
+"""A fresh pluggy manager per run, and the checks that make a plugin's
+mistakes fail before training starts with a message naming the plugin."""
+
+from __future__ import annotations
+
+import inspect
+from types import TracebackType
+from typing import Any, Mapping
+
+import pluggy
+
+from trainer_core import hookspecs
+from trainer_core.entrypoints import Entry
+from trainer_core.errors import PluginError, UsageError
+from trainer_core.options import bind_options
+from trainer_core.suggest import did_you_mean
+
+hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
+
+
+def make_plugin_manager() -> pluggy.PluginManager:
+    """Return a new manager that knows the hook specs and holds no plugins."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def hook_names() -> list[str]:
+    """Every hook in the contract, in the order :mod:`trainer_core.hookspecs` declares them."""
+    return [name for name, fn in vars(hookspecs).items() if inspect.isfunction(fn) and hasattr(fn, "trainer_spec")]
+
+
+def implemented_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """The hook names ``plugin`` implements (by attribute, following ``specname``)."""
+    found = []
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        if opts is not None:
+            found.append(opts.get("specname") or attr)
+    return sorted(found)
+
+
+def check_plugin(pm: pluggy.PluginManager, name: str, plugin: object, origin: str) -> None:
+    """Raise :class:`PluginError` if a hook implementation of ``plugin`` has a
+    name that is not in the contract or takes an argument its spec does not offer."""
+    known = hook_names()
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        if opts is None:
+            continue
+        hook = opts.get("specname") or attr
+        if hook not in known:
+            raise PluginError(f"plugin '{name}' ({origin}) implements unknown hook '{hook}'{did_you_mean(hook, known)}")
+        offered = getattr(pm.hook, hook).spec.argnames
+        params = list(inspect.signature(getattr(plugin, attr)).parameters)
+        if inspect.isclass(plugin):  # listed before instantiation: skip ``self``
+            params = params[1:]
+        wanted = [p for p in params if p not in offered]
+        if wanted:
+            raise PluginError(
+                f"plugin '{name}' ({origin}): hook {hook}() asks for {', '.join(wanted)}, "
+                f"which the spec does not pass; {hook} offers: {', '.join(offered)}"
+            )
+
+
+def register(pm: pluggy.PluginManager, name: str, plugin: object, origin: str = "registered in code") -> None:
+    """Check ``plugin`` against the specs and register it under ``name``."""
+    if pm.has_plugin(name):
+        raise UsageError(f"plugin '{name}' is enabled twice")
+    check_plugin(pm, name, plugin, origin)
+    pm.register(plugin, name=name)
+
+
+def instantiate(entry: Entry, options: Mapping[str, Any]) -> object:
+    """Load ``entry`` and build the plugin: a class is called with its coerced
+    options; a module or object is used as it is and takes no options."""
+    target = entry.load()
+    if not inspect.isclass(target):
+        if options:
+            raise UsageError(f"plugin '{entry.name}' takes no options (got {', '.join(options)})")
+        return target
+    kwargs = bind_options(target, options, owner=entry.name)
+    try:
+        return target(**kwargs)
+    except ValueError as exc:  # a plugin's own validation of its options
+        raise UsageError(f"{entry.name}: {exc}") from None
+
+
+def call_each(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> dict[str, Any]:
+    """Call every implementation of ``hook`` and return results keyed by the
+    registered plugin name (pluggy's own call merges them anonymously)."""
+    results = {}
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        results[impl.plugin_name] = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+    return results
+
+
+def locate_fault(pm: pluggy.PluginManager, tb: TracebackType | None) -> tuple[str, str] | None:
+    """The (plugin name, hook name) whose implementation appears first in
+    ``tb``, or ``None`` when no plugin code raised."""
+    owners = {}
+    for hook in hook_names():
+        for impl in getattr(pm.hook, hook).get_hookimpls():
+            code = getattr(inspect.unwrap(impl.function), "__code__", None)
+            if code is not None:
+                owners[code] = (impl.plugin_name, hook)
+    while tb is not None:
+        if tb.tb_frame.f_code in owners:
+            return owners[tb.tb_frame.f_code]
+        tb = tb.tb_next
+    return None

@@ -1,0 +1,102 @@
+"""Build a run from its config: plugins, dataset and model from their entry
+points, the run folder, and the :class:`Trainer` that ties them together.
+
+Everything that can be wrong with the input is found here, before the run
+folder is created, so a bad command leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Mapping
+
+import pluggy
+from torch import nn
+
+from trainer_core.config import RunConfig
+from trainer_core.data import DataBundle
+from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, Registry
+from trainer_core.errors import UsageError
+from trainer_core.options import bind_options
+from trainer_core.pluginmanager import instantiate, make_plugin_manager, register
+from trainer_core.rundir import RunDir, default_run_path
+from trainer_core.runtime import seed_everything
+from trainer_core.trainer import Trainer
+
+
+def load_plugins(pm: pluggy.PluginManager, wanted: Mapping[str, Mapping[str, Any]]) -> None:
+    """Load, configure, check and register each wanted plugin by entry-point name."""
+    registry = Registry(PLUGINS)
+    for name, options in wanted.items():
+        entry = registry.get(name)
+        register(pm, name, instantiate(entry, options), origin=entry.describe())
+
+
+def load_dataset(name: str, options: Mapping[str, Any], data_root: str | None) -> DataBundle:
+    entry = Registry(DATASETS).get(name)
+    factory = entry.load()
+    kwargs = bind_options(factory, options, owner="dataset", skip=("data_root",))
+    if "data_root" in inspect.signature(factory).parameters:
+        kwargs["data_root"] = Path(data_root) if data_root else None
+    elif data_root:
+        raise UsageError(f"dataset '{name}' takes no --data-root (it ships its own data)")
+    try:
+        data = factory(**kwargs)
+    except ValueError as exc:  # the factory's own check of its options
+        raise UsageError(f"dataset '{name}': {exc}") from None
+    if not isinstance(data, DataBundle):
+        raise UsageError(f"dataset '{name}' ({entry.describe()}) returned {type(data).__name__}, not a DataBundle")
+    return data
+
+
+def build_model(name: str, options: Mapping[str, Any], data: DataBundle) -> nn.Module:
+    entry = Registry(MODELS).get(name)
+    factory = entry.load()
+    kwargs = bind_options(factory, options, owner="model", skip=("input_shape", "num_classes"))
+    try:
+        model = factory(input_shape=tuple(data.input_shape), num_classes=data.num_classes, **kwargs)
+    except ValueError as exc:
+        raise UsageError(f"model '{name}': {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model '{name}' ({entry.describe()}) returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def run_path_for(config: RunConfig) -> Path:
+    if config.run_dir:
+        return Path(config.run_dir)
+    root = Path(config.runs_root)
+    return root / config.name if config.name else default_run_path(root, config.model, config.dataset)
+
+
+def build_run(
+    config: RunConfig,
+    *,
+    pm: pluggy.PluginManager | None = None,
+    resume: Mapping[str, Any] | None = None,
+    run_path: Path | None = None,
+    overwrite: bool = False,
+    write_files: bool = True,
+) -> Trainer:
+    """Resolve ``config`` into a ready :class:`Trainer`.
+
+    :param resume: a loaded checkpoint to continue from.
+    :param run_path: the run folder (derived from ``config`` when omitted).
+    :param write_files: ``False`` builds a run that writes no folder.
+    """
+    pm = pm or make_plugin_manager()
+    load_plugins(pm, config.plugins)
+    data = load_dataset(config.dataset, config.dataset_options, config.data_root)
+    seed_everything(config.seed)
+    model = build_model(config.model, config.model_options, data)
+    run_dir = None
+    if write_files:
+        run_dir = RunDir.create(run_path or run_path_for(config), resume=resume is not None, overwrite=overwrite)
+        run_dir.write_config(config.to_toml())
+    try:
+        return Trainer(model, data, config, pm=pm, run_dir=run_dir, resume=resume)
+    except BaseException:
+        if run_dir is not None:
+            run_dir.close()
+        raise

@@ -1,0 +1,48 @@
+"""The one object plugins read to know where training is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """Progress of a run.  The core updates it; plugins read it and stop the
+    run with :meth:`Trainer.request_stop`, never by editing it.
+
+    :ivar epoch: the current epoch, counted from 1 (0 before training).
+    :ivar step: optimizer steps taken since the run began.
+    :ivar batch_idx: batches finished in the current epoch.
+    :ivar metrics: the latest evaluation's merged metrics.
+    :ivar history: every evaluation's metrics, oldest first.
+    :ivar should_stop: set when someone asked the run to stop.
+    :ivar stop_reason: why, in words, or ``None``.
+    :ivar train_samples: training samples seen since the run began.
+    :ivar train_seconds: wall time spent in training phases.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    batch_idx: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    should_stop: bool = False
+    stop_reason: str | None = None
+    train_samples: int = 0
+    train_seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_idx": self.batch_idx,
+            "metrics": dict(self.metrics),
+            "history": [dict(m) for m in self.history],
+            "train_samples": self.train_samples,
+            "train_seconds": self.train_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

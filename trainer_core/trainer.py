@@ -1,0 +1,356 @@
+"""The training loop: train and evaluate, emit hook events, nothing optional.
+
+Everything a user turns on is a plugin reacting to the events this loop emits
+(see :mod:`trainer_core.hookspecs` for the contract and the order).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pluggy
+import torch
+from torch import nn
+
+from trainer_core import __version__
+from trainer_core.checkpointing import FORMAT, save_checkpoint
+from trainer_core.config import RunConfig
+from trainer_core.data import Batches, DataBundle
+from trainer_core.errors import PluginError, TrainerError, UsageError
+from trainer_core.pluginmanager import call_each, hook_names, locate_fault, make_plugin_manager, register
+from trainer_core.rundir import RunDir
+from trainer_core.runtime import rng_state, select_device, set_rng_state
+from trainer_core.state import TrainState
+
+log = logging.getLogger("trainer_core")
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+}
+
+
+class Trainer:
+    """Runs one training job and tells its plugins about every step of it.
+
+    :param model: the network to train.
+    :param data: the dataset's splits, class names and input shape.
+    :param config: the run's settings (defaults when omitted).
+    :param plugins: plugins to register by name, in addition to those already in ``pm``.
+    :param pm: a plugin manager from :func:`~trainer_core.make_plugin_manager`
+        (a fresh one when omitted).
+    :param run_dir: the open run folder for ``metrics.jsonl`` and
+        ``summary.json``, or ``None`` to write nothing.
+    :param resume: a checkpoint (as loaded by ``load_checkpoint``) to continue from.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DataBundle,
+        config: RunConfig | None = None,
+        *,
+        plugins: Mapping[str, object] | None = None,
+        pm: pluggy.PluginManager | None = None,
+        run_dir: RunDir | None = None,
+        resume: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = (config or RunConfig()).validate()
+        self.pm = pm or make_plugin_manager()
+        for name, plugin in (plugins or {}).items():
+            register(self.pm, name, plugin)
+        self.device = select_device(self.config.device)
+        self.model = model.to(self.device)
+        self.data = data
+        self.loss_fn: nn.Module = nn.CrossEntropyLoss()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.state = TrainState()
+        self.run_dir = run_dir
+        self.resume = resume
+        self.rank, self.world_size = 0, 1
+        c = self.config
+        for split in ("train", "val"):
+            if len(getattr(data, split)) == 0:
+                raise UsageError(f"the dataset's {split} split is empty")
+        self.train_batches = Batches(data.train, c.batch_size, self.device, shuffle=True, seed=c.seed, mean=data.mean, std=data.std)
+        self.val_batches = Batches(data.val, c.batch_size, self.device, shuffle=False, mean=data.mean, std=data.std)
+        self._pending: list[torch.Tensor] = []  # detached batch losses since the last log
+        self._pending_sizes: list[int] = []
+        self._carried_loss, self._carried_samples = 0.0, 0  # an interval's part from before a resume
+        self._epoch_loss = 0.0  # this epoch's loss sum and samples, already read back
+        self._epoch_samples = 0
+
+    # -- what plugins call ---------------------------------------------------
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files and prints (rank zero)."""
+        return self.rank == 0
+
+    @property
+    def run_path(self) -> Path | None:
+        """The run folder, or ``None`` when this run writes no files."""
+        return self.run_dir.path if self.run_dir is not None else None
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step (or at the end of the current epoch's evaluation)."""
+        self.state.should_stop = True
+        self.state.stop_reason = reason
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything the run's future depends on, keyed for :meth:`load_checkpoint_state`."""
+        return {
+            "format": FORMAT,
+            "trainer_core": __version__,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "plugins": {name: s for name, s in call_each(self.pm, "plugin_state_dict", trainer=self).items() if s is not None},
+            "state": self.state.state_dict(),
+            "epoch_totals": [self._epoch_loss, self._epoch_samples],
+            "pending": [self._interval_loss_sum(), self._interval_samples()],
+            "rng": rng_state(),
+            "config": self.config.to_toml(),
+        }
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write :meth:`checkpoint_state` to ``path`` atomically (rank zero only)."""
+        if self.is_main:
+            save_checkpoint(path, self.checkpoint_state())
+
+    def load_checkpoint_state(self, payload: Mapping[str, Any]) -> None:
+        """Restore model, optimizer, progress, RNG and plugin state from a checkpoint."""
+        try:
+            self.model.load_state_dict(payload["model"])
+        except RuntimeError as exc:
+            raise UsageError(f"checkpoint does not fit this model: {_first_line(exc)}") from None
+        if self.optimizer is not None and payload.get("optimizer") is not None:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        self.state.load_state_dict(payload["state"])
+        self.state.should_stop, self.state.stop_reason = False, None
+        self._epoch_loss, self._epoch_samples = payload["epoch_totals"]
+        self._pending, self._pending_sizes = [], []
+        self._carried_loss, self._carried_samples = payload["pending"]
+        set_rng_state(payload["rng"])
+        saved = payload.get("plugins", {})
+        for impl in self.pm.hook.load_plugin_state.get_hookimpls():
+            if impl.plugin_name in saved:
+                kwargs = {"trainer": self, "state": saved[impl.plugin_name]}
+                impl.function(**{a: kwargs[a] for a in impl.argnames})
+
+    # -- the loop ------------------------------------------------------------
+
+    def fit(self) -> TrainState:
+        """Train for ``config.epochs`` epochs (or until a plugin stops the run)."""
+        status, error = "completed", None
+        started = time.perf_counter()
+        try:
+            self._emit("on_setup", trainer=self)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if not params:
+                raise UsageError("the model has no trainable parameters (every parameter is frozen)")
+            self.optimizer = OPTIMIZERS[self.config.optimizer](params, self.config)
+            self._emit("on_fit_start", trainer=self)
+            if self.resume is not None:
+                self.load_checkpoint_state(self.resume)
+                if self.run_dir is not None:
+                    self.run_dir.truncate_metrics(self.state.step)
+            self._hot = {name: self._caller(name) for name in hook_names()}
+            while not self.state.should_stop and self._next_epoch():
+                self._train_epoch()
+                if self.state.should_stop and self.state.batch_idx < len(self.train_batches):
+                    break  # stopped mid-epoch: no evaluation of a partial epoch
+                self.evaluate()
+                self._emit("on_epoch_end", trainer=self, epoch=self.state.epoch)
+            if self.state.should_stop:
+                status = "stopped"
+            self._emit("on_fit_end", trainer=self)
+            return self.state
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            error = f"{type(exc).__name__}: {exc}"
+            self._notify_exception(exc)
+            fault = None if isinstance(exc, TrainerError) else locate_fault(self.pm, exc.__traceback__)
+            if fault is not None:
+                raise PluginError(f"plugin '{fault[0]}' failed in {fault[1]}: {type(exc).__name__}: {exc}") from exc
+            raise
+        finally:
+            if self.run_dir is not None:
+                if self.is_main:
+                    self.run_dir.write_summary(self.summary(status, time.perf_counter() - started, error))
+                self.run_dir.close()
+
+    def _next_epoch(self) -> bool:
+        """Move to the next epoch unless one is part-way (a mid-epoch resume); False when done."""
+        state = self.state
+        if state.epoch > 0 and state.batch_idx < len(self.train_batches):
+            return True
+        if state.epoch >= self.config.epochs:
+            return False
+        state.epoch += 1
+        state.batch_idx = 0
+        return True
+
+    def _train_epoch(self) -> None:
+        hot, state, model, optimizer = self._hot, self.state, self.model, self.optimizer
+        assert optimizer is not None
+        batch_start, before_backward = hot["on_batch_start"], hot["on_before_backward"]
+        before_step, batch_end = hot["on_before_optimizer_step"], hot["on_batch_end"]
+        log_every = self.config.log_every_n_steps
+        first = state.batch_idx
+        if first == 0:
+            self._epoch_loss, self._epoch_samples = 0.0, 0
+        model.train()
+        self._emit("on_epoch_start", trainer=self, epoch=state.epoch)
+        started = time.perf_counter()
+        for batch_idx, (inputs, targets) in enumerate(self.train_batches.iterate(state.epoch, first), first):
+            if batch_start:
+                batch_start(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets)
+            outputs = model(inputs)
+            loss = self.loss_fn(outputs, targets)
+            if before_backward:
+                before_backward(trainer=self, loss=loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if before_step:
+                before_step(trainer=self, optimizer=optimizer)
+            optimizer.step()
+            state.step += 1
+            state.batch_idx = batch_idx + 1
+            loss = loss.detach()
+            self._pending.append(loss)
+            self._pending_sizes.append(targets.shape[0])
+            if batch_end:
+                batch_end(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets, outputs=outputs.detach(), loss=loss)
+            if state.batch_idx % log_every == 0:
+                self._log_interval()
+            if state.should_stop:
+                break
+        if self._interval_samples():
+            self._log_interval()
+        state.train_seconds += time.perf_counter() - started
+
+    def _log_interval(self) -> None:
+        """Read the interval's losses back (the one host sync) and emit ``on_train_log``."""
+        total, samples = self._interval_loss_sum(), self._interval_samples()
+        self._pending.clear()
+        self._pending_sizes.clear()
+        self._carried_loss, self._carried_samples = 0.0, 0
+        if not math.isfinite(total):
+            raise TrainerError(
+                f"training loss became {total} in epoch {self.state.epoch} by step {self.state.step}; "
+                "lower the learning rate or check the data"
+            )
+        self._epoch_loss += total
+        self._epoch_samples += samples
+        self.state.train_samples += samples
+        self._emit(
+            "on_train_log",
+            trainer=self,
+            metrics={"train/loss": total / samples, "train/samples": float(samples), "lr": self.lr},
+        )
+
+    def _interval_loss_sum(self) -> float:
+        if not self._pending:
+            return self._carried_loss
+        losses = torch.stack(self._pending).double()
+        sizes = torch.tensor(self._pending_sizes, dtype=torch.float64, device=losses.device)
+        return self._carried_loss + float(losses @ sizes)
+
+    def _interval_samples(self) -> int:
+        return self._carried_samples + sum(self._pending_sizes)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the optimizer's first parameter group."""
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else self.config.lr
+
+    def evaluate(self) -> dict[str, float]:
+        """Run the validation split, merge every plugin's metrics, record and emit them."""
+        model = self.model
+        model.eval()
+        self._emit("on_eval_start", trainer=self)
+        eval_batch = self._caller("on_eval_batch")
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        with torch.no_grad():
+            for inputs, targets in self.val_batches.iterate():
+                outputs = model(inputs)
+                loss_sum += self.loss_fn(outputs, targets).double() * targets.shape[0]
+                correct += (outputs.argmax(dim=1) == targets).sum()
+                if eval_batch:
+                    eval_batch(trainer=self, inputs=inputs, targets=targets, outputs=outputs)
+        size = self.val_batches.size
+        metrics: dict[str, float] = {
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "train/loss": self._epoch_loss / self._epoch_samples if self._epoch_samples else math.nan,
+            "val/loss": loss_sum.item() / size,
+            "val/acc": correct.item() / size,
+        }
+        producers = dict.fromkeys(metrics, "the core")
+        for plugin, extra in call_each(self.pm, "collect_eval_metrics", trainer=self).items():
+            for key, value in (extra or {}).items():
+                if key in producers:
+                    raise PluginError(f"metric '{key}' is produced by both {producers[key]} and plugin '{plugin}'; rename one")
+                producers[key] = f"plugin '{plugin}'"
+                metrics[key] = float(value)
+        self.state.metrics = metrics
+        self.state.history.append(metrics)
+        if self.run_dir is not None and self.is_main:
+            self.run_dir.append_metrics(metrics)
+        self._emit("on_eval", trainer=self, metrics=metrics)
+        return metrics
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _caller(self, name: str) -> Any:
+        """The hook caller for ``name``, or ``None`` when no plugin implements it,
+        so an unused hook costs one truth test per step."""
+        caller = getattr(self.pm.hook, name)
+        return caller if caller.get_hookimpls() else None
+
+    def _emit(self, name: str, **kwargs: Any) -> None:
+        getattr(self.pm.hook, name)(**kwargs)
+
+    def _notify_exception(self, exc: BaseException) -> None:
+        for impl in self.pm.hook.on_exception.get_hookimpls():
+            kwargs = {"trainer": self, "exception": exc}
+            try:
+                impl.function(**{a: kwargs[a] for a in impl.argnames})
+            except Exception as inner:  # must not hide the exception that ended the run
+                log.warning("plugin '%s' failed in on_exception: %s: %s", impl.plugin_name, type(inner).__name__, inner)
+
+    def summary(self, status: str, duration: float, error: str | None = None) -> dict[str, Any]:
+        """What ``summary.json`` holds: final and best metrics, timing, versions."""
+        history = self.state.history
+        best = {}
+        for key, pick in (("val/acc", max), ("val/loss", min)):
+            values = [m for m in history if key in m and math.isfinite(m[key])]
+            if values:
+                chosen = pick(values, key=lambda m: m[key])
+                best[key] = {"value": chosen[key], "epoch": chosen["epoch"], "step": chosen["step"]}
+        seconds = self.state.train_seconds
+        return {
+            "status": status,
+            "stop_reason": self.state.stop_reason,
+            "error": error,
+            "epochs": self.state.epoch,
+            "steps": self.state.step,
+            "final": self.state.metrics,
+            "best": best,
+            "duration_s": round(duration, 3),
+            "train_seconds": round(seconds, 3),
+            "samples_per_s": round(self.state.train_samples / seconds, 1) if seconds > 0 else None,
+            "device": str(self.device),
+            "versions": {"trainer-core": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        }
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0]
