@@ -30,6 +30,12 @@ The order of one run with evaluation every epoch::
 
 ``plugin_state_dict`` runs whenever a checkpoint is written; ``on_exception``
 runs instead of the rest when an exception escapes the loop.
+
+One rule of order exists: a plugin that *saves* the run's state (a checkpoint
+writer) marks its ``on_batch_end`` / ``on_epoch_end`` implementation
+``@hookimpl(trylast=True)``, so it runs after every other plugin has updated
+its state for that step or epoch (a scheduler's step, an early-stopping
+counter) and the checkpoint resumes exactly.
 """
 
 from __future__ import annotations
