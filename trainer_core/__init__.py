@@ -26,11 +26,14 @@ _LAZY = {
     "DataBundle": "trainer_core.data",
     "TensorSplit": "trainer_core.data",
     "build_run": "trainer_core.runner",
+    "load_weights": "trainer_core.checkpointing",
+    "load_checkpoint": "trainer_core.checkpointing",
 }
 
 __all__ = ["PluginError", "TrainerError", "UsageError", "hookimpl", "hookspec", "make_plugin_manager", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from trainer_core.checkpointing import load_checkpoint, load_weights
     from trainer_core.config import RunConfig
     from trainer_core.data import DataBundle, TensorSplit
     from trainer_core.runner import build_run

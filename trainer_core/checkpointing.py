@@ -53,3 +53,28 @@ def find_checkpoint(path: Path) -> Path:
     if not found:
         raise UsageError(f"--resume {path}: no checkpoint in {folder}; enable the checkpoint plugin to write them")
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> list[str]:
+    """Load weights for transfer learning: from a state-dict file, one of our
+    checkpoints, or a state dict already in memory.
+
+    Keys whose shape does not match the model (a new classifier head) or that
+    the model lacks are skipped and returned; the rest are loaded.  Missing
+    every key means the file is for another model: that is an error.
+    """
+    if isinstance(source, Mapping):
+        weights = source
+        where = "the given state dict"
+    else:
+        payload = load_checkpoint(Path(source))
+        weights = payload["model"] if isinstance(payload.get("model"), Mapping) else payload
+        where = str(source)
+    own = model.state_dict()
+    usable = {k: v for k, v in weights.items() if k in own and getattr(v, "shape", None) == own[k].shape}
+    skipped = sorted(k for k in weights if k not in usable)
+    if not usable:
+        sample = ", ".join(skipped[:3])
+        raise UsageError(f"no weights in {where} fit this model (first keys: {sample}); was it saved from another model?")
+    model.load_state_dict(usable, strict=False)
+    return skipped
