@@ -1,0 +1,123 @@
+"""Early stopping: end the run when a monitored metric stops improving."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+from trainer_core import UsageError, hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer_core import Trainer
+
+
+class EarlyStopping:
+    """Stops training when a validation metric has not improved for ``patience`` evaluations.
+
+    Its counter and best value travel in checkpoints, so a resumed run keeps
+    its patience.  With ``restore_best_weights`` the model ends the run with
+    the weights of its best evaluation, whether the run stopped early or ran
+    all its epochs.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val/loss",
+        mode: Literal["auto", "min", "max"] = "auto",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        restore_best_weights: bool = False,
+    ) -> None:
+        """:param monitor: the evaluation metric to watch, e.g. ``val/loss`` or ``val/acc``.
+        :param mode: ``min`` (lower is better), ``max``, or ``auto``: ``min`` for names
+            containing ``loss`` or ``err``, ``max`` otherwise.
+        :param patience: evaluations without improvement before the run stops.
+        :param min_delta: the least change that counts as an improvement.
+        :param restore_best_weights: load the best evaluation's weights when the run ends."""
+        if patience < 1:
+            raise ValueError(f"early-stopping.patience must be >= 1 (got {patience})")
+        if min_delta < 0:
+            raise ValueError(f"early-stopping.min_delta must be >= 0 (got {min_delta})")
+        if not monitor:
+            raise ValueError("early-stopping.monitor must name a metric, e.g. val/loss")
+        self.monitor = monitor
+        if mode == "auto":
+            mode = "min" if ("loss" in monitor or "err" in monitor) else "max"
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = min_delta
+        self.restore_best_weights = restore_best_weights
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+        # A CPU copy taken only when the metric improves: costs one copy per improvement, none per step.
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    def improved(self, value: float) -> bool:
+        """Whether ``value`` beats the best so far by more than ``min_delta`` (NaN never does)."""
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    @hookimpl
+    def on_eval(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        if self.monitor not in metrics:
+            available = ", ".join(k for k in metrics if k not in ("epoch", "step"))
+            raise UsageError(
+                f"early-stopping.monitor '{self.monitor}' is not an evaluation metric of this run; "
+                f"available: {available} (plugins such as class-accuracy add more)"
+            )
+        value = float(metrics[self.monitor])
+        if self.improved(value):
+            self.best, self.best_epoch, self.wait = value, trainer.state.epoch, 0
+            if self.restore_best_weights:
+                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = trainer.state.epoch
+            trainer.request_stop(
+                f"early-stopping: {self.monitor} did not improve for {self.wait} evaluation(s); "
+                f"best {self.best:.6g} at epoch {self.best_epoch}"
+            )
+
+    @hookimpl
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if not self.restore_best_weights or self.best_epoch in (None, trainer.state.epoch):
+            return  # nothing asked, nothing evaluated, or the final weights are the best ones
+        if self.best_weights is None:  # resumed from a checkpoint saved without restore_best_weights
+            if trainer.is_main:
+                print(f"early-stopping: the weights of epoch {self.best_epoch} were not saved; keeping the final weights")
+            return
+        trainer.model.load_state_dict(self.best_weights)
+        if trainer.is_main:
+            print(f"early-stopping: restored the weights of epoch {self.best_epoch} ({self.monitor} {self.best:.6g})")
+
+    @hookimpl
+    def plugin_state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+        }
+        if self.best_weights is not None:
+            state["best_weights"] = self.best_weights
+        return state
+
+    @hookimpl
+    def load_plugin_state(self, state: dict[str, Any]) -> None:
+        if (state["monitor"], state["mode"]) != (self.monitor, self.mode):
+            # A different metric or direction makes the saved best meaningless: start afresh.
+            return
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+        if self.restore_best_weights:
+            self.best_weights = state.get("best_weights")
