@@ -87,6 +87,15 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--seed", type=int, help="Seed for initialisation and data order.  [default: 0]")
     @click.option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.  [default: auto]")
     @click.option("--log-every", "log_every_n_steps", type=int, help="Steps between training-loss reports.  [default: 50]")
+    @click.option("--precision", type=click.Choice(["32", "bf16", "16"]),
+                  help="32-bit, or mixed precision with bf16 or fp16 (fp16 scales gradients).  [default: 32]")
+    @click.option("--channels-last", is_flag=True, default=None, help="Channels-last memory format (faster convolutions on GPUs).")
+    @click.option("--compile", is_flag=True, default=None, help="torch.compile the model (compile time is reported apart).")
+    @click.option("--accumulate-grad-batches", type=int, help="Batches whose gradients add up before one optimizer step.  [default: 1]")
+    @click.option("--clip-grad-norm", type=float, help="Clip the gradients' total norm to this value.")
+    @click.option("--nonfinite", type=click.Choice(["stop", "skip"]),
+                  help="On a NaN/inf loss: stop the run, or skip such steps (one host sync per step).  [default: stop]")
+    @click.option("--num-workers", type=int, help="Loader processes for file-backed datasets.  [default: cores - 1, at most 4]")
     @click.option("--name", help="Run folder name under --runs-root.  [default: MODEL-DATASET-TIME]")
     @click.option("--runs-root", help="Folder that holds run folders.  [default: runs]")
     @click.option("--run-dir", help="Exact run folder (instead of --runs-root/--name).")
@@ -127,6 +136,8 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
             click.echo(f"run folder: {trainer.run_path}")
         if state.stop_reason:
             click.echo(f"stopped early: {state.stop_reason}")
+        if trainer.signals.exit_code is not None:
+            sys.exit(trainer.signals.exit_code)
 
     @cli.command()
     @debug_option

@@ -39,6 +39,13 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     log_every_n_steps: int = 50
+    precision: Literal["32", "bf16", "16"] = "32"
+    channels_last: bool = False
+    compile: bool = False
+    accumulate_grad_batches: int = 1
+    clip_grad_norm: float | None = None
+    nonfinite: Literal["stop", "skip"] = "stop"
+    num_workers: int | None = None
     name: str | None = None
     run_dir: str | None = None
     runs_root: str = "runs"
@@ -55,6 +62,11 @@ class RunConfig:
             (0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})"),
             (self.log_every_n_steps >= 1, f"log_every_n_steps must be >= 1 (got {self.log_every_n_steps})"),
+            (self.accumulate_grad_batches >= 1,
+             f"accumulate_grad_batches must be >= 1 (got {self.accumulate_grad_batches})"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0,
+             f"clip_grad_norm must be > 0 (got {self.clip_grad_norm})"),
+            (self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0 (got {self.num_workers})"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,11 +9,12 @@ and the epoch number, so a resumed run sees the same batches.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 @dataclass
@@ -86,21 +87,31 @@ class Batches:
         seed: int = 0,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        num_workers: int = 0,
+        channels_last: bool = False,
+        num_workers: int | None = None,
     ) -> None:
         self.batch_size = batch_size
         self.device = device
         self.shuffle = shuffle
         self.seed = seed
-        self.num_workers = num_workers
+        self.channels_last = channels_last
         self.size = len(split)  # type: ignore[arg-type]
+        self.loader: DataLoader | None = None
         if isinstance(split, TensorSplit):
             # Held on the training device once, so a batch is an index, not a copy from the host.
             self.tensors: TensorSplit | None = TensorSplit(split.inputs.to(device), split.targets.to(device))
-            self.dataset = None
         else:
             self.tensors = None
-            self.dataset = split
+            self.sampler = EpochSampler(self.size, seed, shuffle)
+            workers = default_workers() if num_workers is None else num_workers
+            self.loader = DataLoader(
+                split,
+                batch_size=batch_size,
+                sampler=self.sampler,
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=workers > 0,  # workers outlive an epoch: no start-up cost per epoch
+            )
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, device=device).view(shape) if mean is not None else None
         self.std = torch.tensor(std, device=device).view(shape) if std is not None else None
@@ -110,12 +121,12 @@ class Batches:
 
     def iterate(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(inputs, targets)`` for ``epoch``, skipping the first ``start_batch`` batches."""
-        order = epoch_order(self.size, self.seed, epoch) if self.shuffle else None
         start = start_batch * self.batch_size
         if self.tensors is not None:
+            order = epoch_order(self.size, self.seed, epoch) if self.shuffle else None
             yield from self._from_tensors(self.tensors, order, start)
         else:
-            yield from self._from_loader(order, start)
+            yield from self._from_loader(epoch, start)
 
     def _from_tensors(
         self, tensors: TensorSplit, order: torch.Tensor | None, start: int
@@ -131,16 +142,10 @@ class Batches:
                 inputs, targets = tensors.inputs[index], tensors.targets[index]
             yield self._normalise(inputs), targets
 
-    def _from_loader(self, order: torch.Tensor | None, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = (order if order is not None else torch.arange(self.size))[start:].tolist()
-        loader = DataLoader(
-            self.dataset,  # type: ignore[arg-type]
-            batch_size=self.batch_size,
-            sampler=indices,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        for inputs, targets in loader:
+    def _from_loader(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        assert self.loader is not None
+        self.sampler.epoch, self.sampler.start = epoch, start
+        for inputs, targets in self.loader:
             yield self._normalise(inputs.to(self.device, non_blocking=True)), targets.to(self.device, non_blocking=True)
 
     def _normalise(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -150,4 +155,30 @@ class Batches:
             inputs = inputs - self.mean
         if self.std is not None:
             inputs = inputs / self.std
+        if self.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs
+
+
+class EpochSampler(Sampler[int]):
+    """The indices of one epoch in :func:`epoch_order`, from a start position.
+
+    The loop sets ``epoch`` and ``start`` before iterating, so one DataLoader
+    (and its persistent workers) serves every epoch and a mid-epoch resume.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_order(self.size, self.seed, self.epoch) if self.shuffle else torch.arange(self.size)
+        return iter(order[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
+def default_workers() -> int:
+    """Loader processes for file-backed datasets: one core stays with the training loop."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

@@ -145,6 +145,8 @@ def _coerce_scalar(value: Any, kind: Any) -> Any:
     if kind is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. precision = 16 in a TOML file
         raise ValueError(value)
     if kind is Path:
         if isinstance(value, (str, Path)):

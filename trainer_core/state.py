@@ -19,7 +19,8 @@ class TrainState:
     :ivar should_stop: set when someone asked the run to stop.
     :ivar stop_reason: why, in words, or ``None``.
     :ivar train_samples: training samples seen since the run began.
-    :ivar train_seconds: wall time spent in training phases.
+    :ivar train_seconds: wall time spent in training phases (without compilation).
+    :ivar compile_seconds: wall time of the first step of a compiled model.
     """
 
     epoch: int = 0
@@ -31,6 +32,7 @@ class TrainState:
     stop_reason: str | None = None
     train_samples: int = 0
     train_seconds: float = 0.0
+    compile_seconds: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +43,7 @@ class TrainState:
             "history": [dict(m) for m in self.history],
             "train_samples": self.train_samples,
             "train_seconds": self.train_seconds,
+            "compile_seconds": self.compile_seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -25,7 +25,9 @@ from trainer_core.errors import PluginError, TrainerError, UsageError
 from trainer_core.pluginmanager import call_each, hook_names, locate_fault, make_plugin_manager, register
 from trainer_core.rundir import RunDir
 from trainer_core.runtime import rng_state, select_device, set_rng_state
+from trainer_core.signals import StopOnSignal
 from trainer_core.state import TrainState
+from trainer_core.stepping import Stepper, autocast_for
 
 log = logging.getLogger("trainer_core")
 
@@ -78,8 +80,17 @@ class Trainer:
         for split in ("train", "val"):
             if len(getattr(data, split)) == 0:
                 raise UsageError(f"the dataset's {split} split is empty")
-        self.train_batches = Batches(data.train, c.batch_size, self.device, shuffle=True, seed=c.seed, mean=data.mean, std=data.std)
-        self.val_batches = Batches(data.val, c.batch_size, self.device, shuffle=False, mean=data.mean, std=data.std)
+        if c.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # What runs the forward pass: the model itself, or its compiled form (same parameters).
+        self.forward_model: nn.Module = torch.compile(self.model) if c.compile else self.model  # type: ignore[assignment]
+        self.autocast = autocast_for(c.precision, self.device)
+        batching = dict(mean=data.mean, std=data.std, channels_last=c.channels_last, num_workers=c.num_workers)
+        self.train_batches = Batches(data.train, c.batch_size, self.device, shuffle=True, seed=c.seed, **batching)
+        self.val_batches = Batches(data.val, c.batch_size, self.device, shuffle=False, **batching)
+        self.stepper: Stepper | None = None
+        self._compiling = c.compile
+        self.signals = StopOnSignal(self.request_stop)
         self._pending: list[torch.Tensor] = []  # detached batch losses since the last log
         self._pending_sizes: list[int] = []
         self._carried_loss, self._carried_samples = 0.0, 0  # an interval's part from before a resume
@@ -112,6 +123,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "plugins": {name: s for name, s in call_each(self.pm, "plugin_state_dict", trainer=self).items() if s is not None},
             "state": self.state.state_dict(),
+            "stepper": self.stepper.state_dict() if self.stepper is not None else None,
             "epoch_totals": [self._epoch_loss, self._epoch_samples],
             "pending": [self._interval_loss_sum(), self._interval_samples()],
             "rng": rng_state(),
@@ -131,6 +143,8 @@ class Trainer:
             raise UsageError(f"checkpoint does not fit this model: {_first_line(exc)}") from None
         if self.optimizer is not None and payload.get("optimizer") is not None:
             self.optimizer.load_state_dict(payload["optimizer"])
+        if self.stepper is not None and payload.get("stepper"):
+            self.stepper.load_state_dict(payload["stepper"])
         self.state.load_state_dict(payload["state"])
         self.state.should_stop, self.state.stop_reason = False, None
         self._epoch_loss, self._epoch_samples = payload["epoch_totals"]
@@ -150,26 +164,9 @@ class Trainer:
         status, error = "completed", None
         started = time.perf_counter()
         try:
-            self._emit("on_setup", trainer=self)
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            if not params:
-                raise UsageError("the model has no trainable parameters (every parameter is frozen)")
-            self.optimizer = OPTIMIZERS[self.config.optimizer](params, self.config)
-            self._emit("on_fit_start", trainer=self)
-            if self.resume is not None:
-                self.load_checkpoint_state(self.resume)
-                if self.run_dir is not None:
-                    self.run_dir.truncate_metrics(self.state.step)
-            self._hot = {name: self._caller(name) for name in hook_names()}
-            while not self.state.should_stop and self._next_epoch():
-                self._train_epoch()
-                if self.state.should_stop and self.state.batch_idx < len(self.train_batches):
-                    break  # stopped mid-epoch: no evaluation of a partial epoch
-                self.evaluate()
-                self._emit("on_epoch_end", trainer=self, epoch=self.state.epoch)
-            if self.state.should_stop:
-                status = "stopped"
-            self._emit("on_fit_end", trainer=self)
+            with self.signals:
+                self._fit()
+            status = "stopped" if self.state.should_stop else status
             return self.state
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -185,6 +182,28 @@ class Trainer:
                     self.run_dir.write_summary(self.summary(status, time.perf_counter() - started, error))
                 self.run_dir.close()
 
+    def _fit(self) -> None:
+        self._emit("on_setup", trainer=self)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise UsageError("the model has no trainable parameters (every parameter is frozen)")
+        self.optimizer = OPTIMIZERS[self.config.optimizer](params, self.config)
+        self._hot = {name: self._caller(name) for name in hook_names()}
+        self.stepper = Stepper(self.config, self.device, self.optimizer, self._hot["on_before_optimizer_step"])
+        self._emit("on_fit_start", trainer=self)
+        if self.resume is not None:
+            self.load_checkpoint_state(self.resume)
+            if self.run_dir is not None and self.is_main:
+                self.run_dir.truncate_metrics(self.state.step)
+        while not self.state.should_stop and self._next_epoch():
+            self._train_epoch()
+            if self.state.should_stop and self.state.batch_idx < len(self.train_batches):
+                break  # stopped mid-epoch: no evaluation of a partial epoch
+            if not self.evaluate():
+                break  # a signal cut the evaluation short
+            self._emit("on_epoch_end", trainer=self, epoch=self.state.epoch)
+        self._emit("on_fit_end", trainer=self)
+
     def _next_epoch(self) -> bool:
         """Move to the next epoch unless one is part-way (a mid-epoch resume); False when done."""
         state = self.state
@@ -197,34 +216,35 @@ class Trainer:
         return True
 
     def _train_epoch(self) -> None:
-        hot, state, model, optimizer = self._hot, self.state, self.model, self.optimizer
-        assert optimizer is not None
-        batch_start, before_backward = hot["on_batch_start"], hot["on_before_backward"]
-        before_step, batch_end = hot["on_before_optimizer_step"], hot["on_batch_end"]
-        log_every = self.config.log_every_n_steps
+        hot, state, model, stepper = self._hot, self.state, self.forward_model, self.stepper
+        assert stepper is not None
+        batch_start, before_backward, batch_end = hot["on_batch_start"], hot["on_before_backward"], hot["on_batch_end"]
+        log_every, last = self.config.log_every_n_steps, len(self.train_batches) - 1
         first = state.batch_idx
         if first == 0:
             self._epoch_loss, self._epoch_samples = 0.0, 0
-        model.train()
+        self.model.train()
         self._emit("on_epoch_start", trainer=self, epoch=state.epoch)
         started = time.perf_counter()
         for batch_idx, (inputs, targets) in enumerate(self.train_batches.iterate(state.epoch, first), first):
             if batch_start:
                 batch_start(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets)
-            outputs = model(inputs)
-            loss = self.loss_fn(outputs, targets)
+            with self.autocast():
+                outputs = model(inputs)
+                loss = self.loss_fn(outputs, targets)
             if before_backward:
                 before_backward(trainer=self, loss=loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if before_step:
-                before_step(trainer=self, optimizer=optimizer)
-            optimizer.step()
+            counted = stepper.backward_and_step(loss, batch_idx == last, self)
             state.step += 1
             state.batch_idx = batch_idx + 1
             loss = loss.detach()
-            self._pending.append(loss)
-            self._pending_sizes.append(targets.shape[0])
+            if counted:
+                self._pending.append(loss)
+                self._pending_sizes.append(targets.shape[0])
+            if self._compiling:  # the first step of a compiled model is mostly compilation
+                self._compiling = False
+                state.compile_seconds = time.perf_counter() - started
+                started = time.perf_counter()
             if batch_end:
                 batch_end(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets, outputs=outputs.detach(), loss=loss)
             if state.batch_idx % log_every == 0:
@@ -271,17 +291,23 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else self.config.lr
 
     def evaluate(self) -> dict[str, float]:
-        """Run the validation split, merge every plugin's metrics, record and emit them."""
-        model = self.model
-        model.eval()
+        """Run the validation split, merge every plugin's metrics, record and emit them.
+
+        Returns an empty mapping, recording nothing, when a signal arrives mid-evaluation.
+        """
+        model = self.forward_model
+        self.model.eval()
         self._emit("on_eval_start", trainer=self)
         eval_batch = self._caller("on_eval_batch")
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         with torch.no_grad():
             for inputs, targets in self.val_batches.iterate():
-                outputs = model(inputs)
-                loss_sum += self.loss_fn(outputs, targets).double() * targets.shape[0]
+                if self.signals.received is not None:
+                    return {}
+                with self.autocast():
+                    outputs = model(inputs)
+                loss_sum += self.loss_fn(outputs.float(), targets).double() * targets.shape[0]
                 correct += (outputs.argmax(dim=1) == targets).sum()
                 if eval_batch:
                     eval_batch(trainer=self, inputs=inputs, targets=targets, outputs=outputs)
@@ -347,6 +373,8 @@ class Trainer:
             "duration_s": round(duration, 3),
             "train_seconds": round(seconds, 3),
             "samples_per_s": round(self.state.train_samples / seconds, 1) if seconds > 0 else None,
+            "compile_seconds": round(self.state.compile_seconds, 3) if self.config.compile else None,
+            "skipped_steps": self.stepper.skipped if self.stepper is not None else 0,
             "device": str(self.device),
             "versions": {"trainer-core": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }

@@ -1,0 +1,82 @@
+"""The part of a training step that options change: mixed precision,
+gradient accumulation, gradient clipping and skipping non-finite steps.
+
+Kept out of the loop so the loop reads the same whichever options are on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, ContextManager
+
+import torch
+
+from trainer_core.config import RunConfig
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager[Any]]:
+    """A factory of the forward pass's context: autocast for bf16/16, nothing for 32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+class Stepper:
+    """Backward pass and optimizer step for one batch.
+
+    :param before_step: called (with ``optimizer=``) when gradients are complete
+        and unscaled, just before clipping and the step; ``None`` for no call.
+    """
+
+    def __init__(self, config: RunConfig, device: torch.device, optimizer: torch.optim.Optimizer,
+                 before_step: Callable[..., Any] | None) -> None:
+        self.optimizer = optimizer
+        self.accumulate = config.accumulate_grad_batches
+        self.clip = config.clip_grad_norm
+        self.skip_nonfinite = config.nonfinite == "skip"
+        self.before_step = before_step
+        # Gradient scaling keeps small fp16 gradients from flushing to zero; bf16 does not need it.
+        self.scaler = torch.amp.GradScaler(device.type) if config.precision == "16" else None
+        self.waiting = 0  # batches whose gradients are accumulated but not yet stepped
+        self.skipped = 0
+
+    def backward_and_step(self, loss: torch.Tensor, last_batch: bool, trainer: Any) -> bool:
+        """Accumulate ``loss``'s gradients; step when enough batches are in (or the
+        epoch ends).  Return ``False`` when the batch was skipped for a
+        non-finite loss (only with ``nonfinite = "skip"``)."""
+        if self.skip_nonfinite and not bool(torch.isfinite(loss)):  # one host sync, only in skip mode
+            self.skipped += 1
+            return False
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.waiting += 1
+        if self.waiting < self.accumulate and not last_batch:
+            return True
+        self.waiting = 0
+        optimizer = self.optimizer
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if self.before_step is not None:
+            self.before_step(trainer=trainer, optimizer=optimizer)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped = state.get("skipped", 0)
