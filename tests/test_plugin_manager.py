@@ -1,0 +1,126 @@
+"""Loading plugins from entry points, and every way a plugin can be wrong."""
+
+import pytest
+
+from trainer_core import PluginError, UsageError, hookimpl, make_plugin_manager
+from trainer_core.entrypoints import PLUGINS, Registry
+from trainer_core.pluginmanager import check_plugin, implemented_hooks, register
+from trainer_core.runner import load_plugins
+
+GOOD = """
+    from trainer_core import hookimpl
+
+    class Good:
+        '''A plugin with options.'''
+
+        def __init__(self, limit: float = 1.0, name: str = "x", every: int = 1) -> None:
+            if limit <= 0:
+                raise ValueError(f"good.limit must be > 0 (got {limit})")
+            self.limit, self.name, self.every = limit, name, every
+
+        @hookimpl
+        def on_eval(self, metrics):
+            pass
+"""
+
+
+def test_a_fresh_manager_holds_no_plugins():
+    first, second = make_plugin_manager(), make_plugin_manager()
+    register(first, "x", object())
+    assert second.get_plugins() == set()
+
+
+def test_plugins_load_by_name_with_coerced_options(fake_entry_points):
+    fake_entry_points("good-dist", {PLUGINS: {"good": "good_plugin:Good"}}, modules={"good_plugin": GOOD})
+    pm = make_plugin_manager()
+    load_plugins(pm, {"good": {"limit": "2.5", "every": "3"}})
+    plugin = pm.get_plugin("good")
+    assert (plugin.limit, plugin.name, plugin.every) == (2.5, "x", 3)
+    assert implemented_hooks(pm, plugin) == ["on_eval"]
+
+
+def test_unknown_plugin_suggests_and_lists_installed(fake_entry_points):
+    fake_entry_points("good-dist", {PLUGINS: {"good": "good_plugin:Good"}}, modules={"good_plugin": GOOD})
+    with pytest.raises(UsageError) as info:
+        load_plugins(make_plugin_manager(), {"goood": {}})
+    message = str(info.value)
+    assert "unknown plugin 'goood' (did you mean 'good'?)" in message
+    assert "installed plugins:" in message and "progress" in message and "\n" not in message
+
+
+def test_unknown_option_lists_accepted_ones(fake_entry_points):
+    fake_entry_points("good-dist", {PLUGINS: {"good": "good_plugin:Good"}}, modules={"good_plugin": GOOD})
+    with pytest.raises(UsageError, match=r"unknown option 'good.limt' \(did you mean 'limit'\?\); good accepts: "
+                                         r"limit: float = 1.0, name: str = 'x', every: int = 1"):
+        load_plugins(make_plugin_manager(), {"good": {"limt": "2"}})
+
+
+def test_ill_typed_option_names_the_type(fake_entry_points):
+    fake_entry_points("good-dist", {PLUGINS: {"good": "good_plugin:Good"}}, modules={"good_plugin": GOOD})
+    with pytest.raises(UsageError, match=r"option good.every='often' is not a valid int"):
+        load_plugins(make_plugin_manager(), {"good": {"every": "often"}})
+
+
+def test_a_plugins_own_validation_is_a_usage_error(fake_entry_points):
+    fake_entry_points("good-dist", {PLUGINS: {"good": "good_plugin:Good"}}, modules={"good_plugin": GOOD})
+    with pytest.raises(UsageError, match=r"^good: good.limit must be > 0 \(got -1.0\)$"):
+        load_plugins(make_plugin_manager(), {"good": {"limit": "-1"}})
+
+
+def test_a_plugin_that_fails_to_import_names_entry_point_and_distribution(fake_entry_points):
+    fake_entry_points("broken-dist", {PLUGINS: {"broken": "broken_plugin:Broken"}},
+                      modules={"broken_plugin": "import not_a_module_anywhere\n"})
+    with pytest.raises(PluginError) as info:
+        load_plugins(make_plugin_manager(), {"broken": {}})
+    message = str(info.value)
+    assert "plugin 'broken' failed to import" in message
+    assert "'broken = broken_plugin:Broken' of distribution 'broken-dist'" in message
+    assert "No module named 'not_a_module_anywhere'" in message
+
+
+def test_the_same_name_from_two_distributions_names_both(fake_entry_points):
+    fake_entry_points("first-dist", {PLUGINS: {"twin": "good_plugin:Good"}}, modules={"good_plugin": GOOD})
+    fake_entry_points("second-dist", {PLUGINS: {"twin": "other_plugin:Good"}}, modules={"other_plugin": GOOD})
+    with pytest.raises(UsageError) as info:
+        Registry(PLUGINS).get("twin")
+    message = str(info.value)
+    assert "plugin name 'twin' is declared by" in message
+    assert "'first-dist' (good_plugin:Good)" in message and "'second-dist' (other_plugin:Good)" in message
+
+
+class Misspelled:
+    @hookimpl
+    def on_bach_end(self, trainer):
+        pass
+
+
+class GreedyArguments:
+    @hookimpl
+    def on_eval(self, trainer, metrics, confusion):
+        pass
+
+
+def test_an_unknown_hook_name_suggests_the_close_one():
+    with pytest.raises(PluginError, match=r"plugin 'typo' \(here\) implements unknown hook 'on_bach_end' "
+                                          r"\(did you mean 'on_batch_end'\?\)"):
+        check_plugin(make_plugin_manager(), "typo", Misspelled(), "here")
+
+
+def test_an_argument_the_spec_does_not_offer_is_refused():
+    with pytest.raises(PluginError, match=r"hook on_eval\(\) asks for confusion, which the spec does not pass; "
+                                          r"on_eval offers: trainer, metrics"):
+        check_plugin(make_plugin_manager(), "greedy", GreedyArguments(), "here")
+
+
+def test_a_class_is_checked_before_it_is_instantiated():
+    # `trainer plugins` checks classes: `self` must not count as an argument.
+    check_plugin(make_plugin_manager(), "recorder", type("P", (), {"on_eval": hookimpl(lambda self, metrics: None)}), "x")
+    with pytest.raises(PluginError):
+        check_plugin(make_plugin_manager(), "greedy", GreedyArguments, "here")
+
+
+def test_enabling_a_plugin_twice_is_refused():
+    pm = make_plugin_manager()
+    register(pm, "x", object())
+    with pytest.raises(UsageError, match="plugin 'x' is enabled twice"):
+        register(pm, "x", object())
