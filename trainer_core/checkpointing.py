@@ -8,18 +8,24 @@ from typing import Any, Mapping
 
 import torch
 
-from trainer_core.errors import UsageError
+from trainer_core.errors import TrainerError, UsageError
 from trainer_core.files import atomic_write_with
 
 CHECKPOINT_FOLDER = "checkpoints"
+LAST = "last.pt"  # the newest state of a run, what ``--resume`` continues from
 FORMAT = 1
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` to ``path`` through a temporary file; the previous
     file at ``path`` stays intact if anything fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(path, lambda handle: torch.save(dict(payload), handle))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_with(path, lambda handle: torch.save(dict(payload), handle))
+    except OSError as exc:  # a full disk, a read-only folder
+        raise TrainerError(
+            f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous checkpoints are intact"
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -35,24 +41,35 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"and loading it could run code ({first})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UsageError(f"checkpoint {path} is damaged or not a checkpoint: {str(exc).splitlines()[0]}") from None
+        # torch's own text runs to several sentences: the first says what broke.
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"checkpoint {path} is damaged or not a checkpoint: {reason}") from None
     if not isinstance(payload, dict):
         raise UsageError(f"checkpoint {path} does not hold a checkpoint (found {type(payload).__name__})")
     return payload
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint file as given, or the newest complete one in a run folder."""
+    """A checkpoint file as given, or the newest complete one in a run folder
+    (or in its ``checkpoints`` folder)."""
     if path.is_file():
         return path
     if not path.is_dir():
         raise UsageError(f"--resume {path}: no such file or run folder")
-    folder = path / CHECKPOINT_FOLDER if (path / CHECKPOINT_FOLDER).is_dir() else path
-    # Temporary files of an interrupted save start with a dot and are never candidates.
-    found = [p for p in folder.glob("*.pt") if not p.name.startswith(".")]
-    if not found:
+    found = newest_checkpoint(path)
+    if found is None:
+        folder = path / CHECKPOINT_FOLDER if (path / CHECKPOINT_FOLDER).is_dir() else path
         raise UsageError(f"--resume {path}: no checkpoint in {folder}; enable the checkpoint plugin to write them")
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return found
+
+
+def newest_checkpoint(run_path: Path) -> Path | None:
+    """The most recently written complete checkpoint of a run folder (or of a
+    folder of checkpoints), or ``None`` when it holds none."""
+    folder = run_path / CHECKPOINT_FOLDER if (run_path / CHECKPOINT_FOLDER).is_dir() else run_path
+    # Temporary files of an interrupted save start with a dot and are never candidates.
+    found = [p for p in folder.glob("*.pt") if not p.name.startswith(".")] if folder.is_dir() else []
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name)) if found else None
 
 
 def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> list[str]:

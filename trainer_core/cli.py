@@ -100,7 +100,8 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--runs-root", help="Folder that holds run folders.  [default: runs]")
     @click.option("--run-dir", help="Exact run folder (instead of --runs-root/--name).")
     @click.option("--resume", "resume_path", type=click.Path(path_type=Path),
-                  help="Continue from a checkpoint file or a run folder (its newest checkpoint).")
+                  help="Continue from a checkpoint file or a run folder (its newest checkpoint); 'auto': the "
+                       "newest checkpoint of the run named by --name/--run-dir, or a fresh start there if it has none.")
     @click.option("--overwrite", is_flag=True, help="Reuse a run folder that already holds a run.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress output (same as --plugins no:progress).")
     @debug_option
@@ -120,6 +121,16 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         from trainer_core.runner import build_run
 
         resume, run_path = None, None
+        if resume_path is not None and str(resume_path) == "auto":
+            # The named run's newest checkpoint, or a fresh start there when it has none yet.
+            from trainer_core.checkpointing import newest_checkpoint
+            from trainer_core.errors import UsageError
+            from trainer_core.runner import run_path_for
+
+            named = resolve_config(config_file, settings)
+            if not (named.name or named.run_dir):
+                raise UsageError("--resume auto needs --name or --run-dir to know which run to continue")
+            resume_path = newest_checkpoint(run_path_for(named))
         if resume_path is not None:
             checkpoint = find_checkpoint(resume_path)
             resume = load_checkpoint(checkpoint)

@@ -141,21 +141,29 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
         except RuntimeError as exc:
             raise UsageError(f"checkpoint does not fit this model: {_first_line(exc)}") from None
-        if self.optimizer is not None and payload.get("optimizer") is not None:
-            self.optimizer.load_state_dict(payload["optimizer"])
-        if self.stepper is not None and payload.get("stepper"):
-            self.stepper.load_state_dict(payload["stepper"])
         self.state.load_state_dict(payload["state"])
         self.state.should_stop, self.state.stop_reason = False, None
         self._epoch_loss, self._epoch_samples = payload["epoch_totals"]
         self._pending, self._pending_sizes = [], []
         self._carried_loss, self._carried_samples = payload["pending"]
-        set_rng_state(payload["rng"])
+        # Plugin state before the optimizer's: a plugin that added parameter groups
+        # (freeze's unfreezing) rebuilds them so the saved optimizer state fits.
         saved = payload.get("plugins", {})
         for impl in self.pm.hook.load_plugin_state.get_hookimpls():
             if impl.plugin_name in saved:
                 kwargs = {"trainer": self, "state": saved[impl.plugin_name]}
                 impl.function(**{a: kwargs[a] for a in impl.argnames})
+        if self.optimizer is not None and payload.get("optimizer") is not None:
+            try:
+                self.optimizer.load_state_dict(payload["optimizer"])
+            except ValueError as exc:
+                raise UsageError(f"checkpoint's optimizer state does not fit this run's parameters: {_first_line(exc)}") from None
+        if self.stepper is not None and payload.get("stepper"):
+            self.stepper.load_state_dict(payload["stepper"])
+        set_rng_state(payload["rng"])
+        if self._carried_samples and self.state.batch_idx % self.config.log_every_n_steps == 0:
+            # Saved in on_batch_end of a logging step, before its log: emit that log now, as the first run did.
+            self._log_interval()
 
     # -- the loop ------------------------------------------------------------
 

@@ -1,0 +1,189 @@
+"""Best-model checkpointing: keep the best k checkpoints by a monitored metric
+and ``last.pt`` to resume from, and restore the best weights at the end."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+from trainer_core import UsageError, hookimpl
+from trainer_core.checkpointing import CHECKPOINT_FOLDER, LAST, load_checkpoint, save_checkpoint
+from trainer_core.suggest import did_you_mean
+
+if TYPE_CHECKING:
+    from trainer_core import Trainer
+
+log = logging.getLogger("trainer_core.checkpoint")
+
+# What every evaluation produces, so a monitor outside these is checkable at start-up
+# when no plugin adds metrics.
+CORE_METRICS = ("val/acc", "val/loss", "train/loss")
+
+
+class Checkpoint:
+    """Saves ``last.pt`` after every epoch and the best ``save_top_k`` checkpoints by ``monitor``.
+
+    Files go to ``<run dir>/checkpoints/``: ``last.pt`` (what ``--resume``
+    continues from) and ``best-epoch003-val_acc0.9861.pt``.  Each holds the
+    model, the optimizer, every plugin's state, progress, RNG states and the
+    config.  At the end of the run the best weights are loaded into the model
+    (``restore_best``), as the seed's ``best_model_wts`` did by hand.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val/acc",
+        mode: Literal["auto", "max", "min"] = "auto",
+        save_top_k: int = 1,
+        every_n_steps: int = 0,
+        restore_best: bool = True,
+        dirpath: Path | None = None,
+    ) -> None:
+        """:param monitor: the metric that ranks checkpoints (``trainer run`` prints them; e.g. ``val/loss``).
+        :param mode: ``max`` or ``min`` is better; ``auto``: ``min`` for a loss or error, else ``max``.
+        :param save_top_k: best checkpoints to keep (0: none, -1: all).
+        :param every_n_steps: also write ``last.pt`` every this many training steps within an epoch (0: off).
+        :param restore_best: load the best checkpoint's weights into the model when training ends.
+        :param dirpath: folder for the files (default: the run folder's ``checkpoints``)."""
+        if not monitor:
+            raise ValueError("checkpoint.monitor must name a metric (e.g. val/acc)")
+        if save_top_k < -1:
+            raise ValueError(f"checkpoint.save_top_k must be >= -1, -1 for all (got {save_top_k})")
+        if every_n_steps < 0:
+            raise ValueError(f"checkpoint.every_n_steps must be >= 0, 0 for off (got {every_n_steps})")
+        self.monitor = monitor
+        self.mode = mode if mode != "auto" else ("min" if re.search("loss|err", monitor) else "max")
+        self.save_top_k = save_top_k
+        self.every_n_steps = every_n_steps
+        self.restore_best = restore_best
+        self.dirpath = dirpath
+        self.folder: Path | None = None
+        # The kept best checkpoints, best first: {"file", "score", "epoch", "step"}.
+        self.kept: list[dict[str, Any]] = []
+        self._score: float | None = None  # the monitored value of the epoch's evaluation
+        self._saved_step = -1  # the step ``last.pt`` holds
+
+    # -- start-up ------------------------------------------------------------
+
+    @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        folder = self.dirpath or (trainer.run_path / CHECKPOINT_FOLDER if trainer.run_path is not None else None)
+        if folder is None:
+            raise UsageError("checkpoint: this run writes no run folder; set -o checkpoint.dirpath=FOLDER")
+        self.folder = Path(folder)
+        if self.monitor not in CORE_METRICS and not trainer.pm.hook.collect_eval_metrics.get_hookimpls():
+            raise UsageError(self._unknown_monitor(CORE_METRICS))
+
+    def _unknown_monitor(self, available: tuple[str, ...] | list[str]) -> str:
+        return (
+            f"checkpoint.monitor: no evaluation produces '{self.monitor}'{did_you_mean(self.monitor, available)}; "
+            f"available metrics: {', '.join(available)}"
+        )
+
+    # -- when to save --------------------------------------------------------
+
+    @hookimpl
+    def on_eval(self, metrics: Mapping[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise UsageError(self._unknown_monitor([k for k in metrics if k not in ("epoch", "step")]))
+        self._score = float(metrics[self.monitor])
+
+    @hookimpl(trylast=True)
+    def on_batch_end(self, trainer: Trainer) -> None:
+        state = trainer.state
+        # The epoch's last batch is saved at on_epoch_end, after its evaluation:
+        # a checkpoint there would resume past an evaluation that never happened.
+        if self.every_n_steps and state.step % self.every_n_steps == 0 and state.batch_idx < len(trainer.train_batches):
+            self._save(trainer, best=None)
+
+    @hookimpl(trylast=True)
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        score, self._score = self._score, None
+        if score is None:
+            return  # no evaluation this epoch: nothing to rank
+        if not math.isfinite(score):
+            log.warning("checkpoint: %s is %s in epoch %d; not saving over the previous checkpoints", self.monitor, score, epoch)
+            return
+        self._save(trainer, best=score if self._ranks_among_best(score) else None)
+
+    @hookimpl
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if trainer.state.step != self._saved_step and trainer.state.step > 0:
+            self._save(trainer, best=None)  # stopped mid-epoch (a signal, a plugin): keep the progress
+        if self.restore_best and self.kept and self.folder is not None:
+            best = self.kept[0]
+            path = self.folder / best["file"]
+            trainer.model.load_state_dict(load_checkpoint(path)["model"])
+            if trainer.is_main:
+                print(
+                    f"checkpoint: restored the best weights ({self.monitor} {best['score']:.4f}, epoch {best['epoch']}) "
+                    f"from {path}",
+                    flush=True,
+                )
+
+    # -- saving --------------------------------------------------------------
+
+    def _ranks_among_best(self, score: float) -> bool:
+        if self.save_top_k == 0:
+            return False
+        if self.save_top_k == -1 or len(self.kept) < self.save_top_k:
+            return True
+        return self._better(score, self.kept[-1]["score"])
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def _save(self, trainer: Trainer, best: float | None) -> None:
+        """Write ``last.pt`` (and a best checkpoint when ``best`` is its score); drop evicted best files."""
+        assert self.folder is not None
+        import torch
+
+        weights = [t for t in trainer.model.state_dict().values() if t.is_floating_point()]
+        if weights and not bool(torch.stack([torch.isfinite(t).all() for t in weights]).all()):
+            log.warning("checkpoint: the weights hold NaN or infinity at step %d; not saving over the previous checkpoints",
+                        trainer.state.step)
+            return
+        state = trainer.state
+        evicted: list[str] = []
+        files = [LAST]
+        if best is not None:
+            name = f"best-epoch{state.epoch:03d}-{re.sub(r'[^0-9A-Za-z]+', '_', self.monitor)}{best:.4f}.pt"
+            entry = {"file": name, "score": best, "epoch": state.epoch, "step": state.step}
+            # Ties keep the older checkpoint ahead (a stable sort on "better").
+            kept = [k for k in self.kept if k["file"] != name] + [entry]
+            kept.sort(key=lambda k: -k["score"] if self.mode == "max" else k["score"])
+            if self.save_top_k != -1:
+                evicted = [k["file"] for k in kept[self.save_top_k:]]
+                kept = kept[: self.save_top_k]
+            self.kept = kept  # before the state is taken, so the files record themselves
+            files.insert(0, name)
+        self._saved_step = state.step
+        if not trainer.is_main:
+            return
+        payload = trainer.checkpoint_state()
+        for name in files:
+            save_checkpoint(self.folder / name, payload)
+        for name in evicted:
+            (self.folder / name).unlink(missing_ok=True)
+
+    # -- state ---------------------------------------------------------------
+
+    @hookimpl
+    def plugin_state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "mode": self.mode, "kept": [dict(k) for k in self.kept]}
+
+    @hookimpl
+    def load_plugin_state(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        self._saved_step = trainer.state.step
+        if (state["monitor"], state["mode"]) != (self.monitor, self.mode):
+            log.warning(
+                "checkpoint: the resumed run ranked by %s (%s), this one by %s (%s); earlier best checkpoints are kept "
+                "on disk but no longer ranked", state["monitor"], state["mode"], self.monitor, self.mode,
+            )
+            return
+        assert self.folder is not None
+        # Files deleted by hand (or a resume into another folder) are not ranked against.
+        self.kept = [k for k in state["kept"] if (self.folder / k["file"]).is_file()]

@@ -1,0 +1,63 @@
+"""Step learning-rate decay: multiply the learning rate by ``gamma`` every ``step_size`` epochs (or steps)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from trainer_core import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer_core import Trainer
+
+
+class StepLR:
+    """Decays the learning rate of every parameter group by ``gamma`` every ``step_size`` epochs.
+
+    The seed's ``lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)``,
+    saved in checkpoints so a resumed run continues the same schedule.
+    """
+
+    def __init__(self, step_size: int = 7, gamma: float = 0.1, interval: Literal["epoch", "step"] = "epoch") -> None:
+        """:param step_size: epochs (or steps, see ``interval``) between two decays.
+        :param gamma: factor the learning rate is multiplied by at each decay.
+        :param interval: count ``epoch``s (the seed's schedule) or optimizer ``step``s."""
+        if step_size < 1:
+            raise ValueError(f"steplr.step_size must be >= 1 (got {step_size})")
+        if not gamma > 0:  # also refuses NaN
+            raise ValueError(f"steplr.gamma must be > 0 (got {gamma})")
+        self.step_size = step_size
+        self.gamma = gamma
+        self.interval = interval
+        self.scheduler: torch.optim.lr_scheduler.StepLR | None = None
+
+    @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        import torch
+
+        assert trainer.optimizer is not None
+        self.scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=self.step_size, gamma=self.gamma)
+
+    @hookimpl
+    def on_batch_end(self) -> None:
+        if self.interval == "step" and self.scheduler is not None:
+            self.scheduler.step()
+
+    @hookimpl
+    def on_epoch_end(self) -> None:
+        if self.interval == "epoch" and self.scheduler is not None:
+            self.scheduler.step()
+
+    @hookimpl
+    def plugin_state_dict(self) -> dict[str, Any] | None:
+        return {"scheduler": self.scheduler.state_dict()} if self.scheduler is not None else None
+
+    @hookimpl
+    def load_plugin_state(self, state: dict[str, Any]) -> None:
+        assert self.scheduler is not None
+        saved = state["scheduler"]
+        if (saved["step_size"], saved["gamma"]) != (self.step_size, self.gamma):
+            # Options changed on resume: keep the position in the schedule, apply the new shape.
+            saved = {**saved, "step_size": self.step_size, "gamma": self.gamma}
+        self.scheduler.load_state_dict(saved)
