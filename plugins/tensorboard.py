@@ -1,0 +1,333 @@
+"""TensorBoard logging: everything the seed programs logged by hand, without code.
+
+Scalars at the core's logging interval and at each evaluation, one image grid
+of a training batch, the model graph, a precision-recall curve per class from
+the true labels at each evaluation, weight and gradient histograms at an
+interval, and hparams with the final metrics.  Nothing is read back from the
+device per step: training accuracy is a device-side count read at
+``on_train_log``, and PR curves are device-side histograms read once per
+evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from plugins.class_accuracy import ClassAccuracy, class_keys
+from trainer_core import UsageError, hookimpl
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trainer_core import Trainer
+
+log = logging.getLogger("trainer_core")
+
+#: Thresholds of each precision-recall curve (TensorBoard's default).
+PR_THRESHOLDS = 127
+
+
+class TensorBoard:
+    """Logs the run to TensorBoard, by default in ``<run folder>/tensorboard``.
+
+    Scalars: ``train/loss`` (mean over each logging interval), ``train/acc``,
+    ``lr/group<i>``, and every evaluation metric (``val/loss``, ``val/acc``,
+    ``val/acc/<class>``...; the evaluation's epoch-mean training loss as
+    ``train/loss_epoch``).  Also ``images/train_batch`` once, the graph,
+    ``pr/<class>`` curves, ``weights/*`` and ``grads/*`` histograms, hparams.
+    """
+
+    def __init__(
+        self,
+        log_dir: Path | None = None,
+        images: int = 64,
+        graph: bool = True,
+        pr_curves: bool = True,
+        histogram_every_n_steps: int | None = None,
+        confusion_image: bool = True,
+        flush_secs: int = 30,
+    ) -> None:
+        """:param log_dir: where the event files go (default ``<run folder>/tensorboard``).
+        :param images: how many images of the first training batch to show; 0 for none.
+        :param graph: log the model graph (traced once on the first batch).
+        :param pr_curves: log a precision-recall curve per class at each evaluation.
+        :param histogram_every_n_steps: weight and gradient histograms every N
+            optimizer steps; unset: at the last step of each epoch; 0: never.
+        :param confusion_image: with class-accuracy on, show its confusion matrix as an image.
+        :param flush_secs: most seconds events wait in memory before reaching the disk."""
+        if images < 0:
+            raise ValueError(f"tensorboard.images must be >= 0 (got {images})")
+        if histogram_every_n_steps is not None and histogram_every_n_steps < 0:
+            raise ValueError(f"tensorboard.histogram_every_n_steps must be >= 0 (got {histogram_every_n_steps})")
+        if flush_secs < 1:
+            raise ValueError(f"tensorboard.flush_secs must be >= 1 (got {flush_secs})")
+        self.log_dir = log_dir
+        self.images = images
+        self.graph = graph
+        self.pr_curves = pr_curves
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.confusion_image = confusion_image
+        self.flush_secs = flush_secs
+        #: The open writer between ``on_fit_start`` and the end of the run.
+        self.writer: SummaryWriter | None = None
+        self._path: Path | None = None
+        self._first_batch_done = False
+        self._correct: torch.Tensor | None = None  # training predictions right since the last log
+        self._seen = 0
+        self._pr_counts: torch.Tensor | None = None  # 2 x classes x thresholds: positives, negatives
+        self._keys: list[str] = []
+
+    # -- opening and closing --------------------------------------------------
+
+    @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not trainer.is_main:
+            return
+        if self.log_dir is None and trainer.run_path is None:
+            raise UsageError("tensorboard has nowhere to write: this run has no run folder; set -o tensorboard.log_dir=PATH")
+        path = Path(self.log_dir) if self.log_dir is not None else trainer.run_path / "tensorboard"  # type: ignore[operator]
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"tensorboard cannot create its log folder {path}: {exc.strerror}; set -o tensorboard.log_dir=PATH") from None
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"tensorboard cannot write to {path}; set -o tensorboard.log_dir=PATH")
+        import torch.utils.tensorboard  # noqa: F401  (slow import: only when the plugin is used)
+
+        self._path = path
+        self._keys = class_keys([str(c) for c in trainer.data.classes])
+        self._first_batch_done = False
+
+    def _writer(self, trainer: Trainer) -> SummaryWriter:
+        """Open the writer on first use, after a resumed run has its step back:
+        ``purge_step`` tells TensorBoard to drop events a previous attempt wrote
+        past the point this run continues from."""
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            assert self._path is not None, "tensorboard used before on_fit_start"
+            step = trainer.state.step
+            self.writer = SummaryWriter(str(self._path), purge_step=step if step > 0 else None, flush_secs=self.flush_secs)
+        return self.writer
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    @hookimpl
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if not trainer.is_main or self._path is None:
+            return
+        writer = self._writer(trainer)
+        self._log_hparams(trainer, writer)
+        self._close()
+
+    @hookimpl
+    def on_exception(self) -> None:
+        self._close()
+
+    # -- training -------------------------------------------------------------
+
+    @hookimpl
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        if trainer.is_main:
+            self._writer(trainer)
+
+    @hookimpl
+    def on_batch_start(self, trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if self._first_batch_done or not trainer.is_main:
+            return
+        self._first_batch_done = True
+        writer = self._writer(trainer)
+        if self.images:
+            self._log_images(trainer, writer, inputs[: self.images])
+        if self.graph:
+            self._log_graph(trainer, writer, inputs[:1])
+
+    @hookimpl
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        # The step about to be taken is ``state.step + 1``: tag it so, like the weights after it.
+        if trainer.is_main and self._histograms_due(trainer, trainer.state.step + 1):
+            writer = self._writer(trainer)
+            for name, param in trainer.model.named_parameters():
+                if param.grad is not None:
+                    writer.add_histogram(f"grads/{name}", param.grad.detach(), trainer.state.step + 1)
+
+    @hookimpl
+    def on_batch_end(self, trainer: Trainer, targets: torch.Tensor, outputs: torch.Tensor) -> None:
+        if not trainer.is_main:
+            return
+        right = (outputs.argmax(dim=1) == targets).sum()
+        self._correct = right if self._correct is None else self._correct + right
+        self._seen += targets.shape[0]
+        if self._histograms_due(trainer, trainer.state.step, finished=True):
+            writer = self._writer(trainer)
+            for name, param in trainer.model.named_parameters():
+                writer.add_histogram(f"weights/{name}", param.detach(), trainer.state.step)
+
+    def _histograms_due(self, trainer: Trainer, step: int, finished: bool = False) -> bool:
+        """Whether optimizer step ``step`` gets histograms; ``finished`` once
+        ``state.batch_idx`` already counts the current batch."""
+        every = self.histogram_every_n_steps
+        if every is None:  # the epoch's last step
+            return trainer.state.batch_idx + (0 if finished else 1) == len(trainer.train_batches)
+        return every > 0 and step % every == 0
+
+    @hookimpl
+    def on_train_log(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        if not trainer.is_main:
+            return
+        writer, step = self._writer(trainer), trainer.state.step
+        writer.add_scalar("train/loss", metrics["train/loss"], step)
+        if self._correct is not None and self._seen:
+            writer.add_scalar("train/acc", self._correct.item() / self._seen, step)  # the interval's one sync
+        self._correct, self._seen = None, 0
+        if trainer.optimizer is not None:
+            for index, group in enumerate(trainer.optimizer.param_groups):
+                writer.add_scalar(f"lr/group{index}", float(group["lr"]), step)
+
+    # -- evaluation -----------------------------------------------------------
+
+    @hookimpl
+    def on_eval_start(self, trainer: Trainer) -> None:
+        if trainer.is_main and self.pr_curves:
+            import torch
+
+            self._pr_counts = torch.zeros(2 * len(self._keys) * PR_THRESHOLDS, dtype=torch.int64, device=trainer.device)
+
+    @hookimpl
+    def on_eval_batch(self, trainer: Trainer, targets: torch.Tensor, outputs: torch.Tensor) -> None:
+        if self._pr_counts is None or not trainer.is_main:
+            return
+        # Per class, a histogram of the predicted probability, split by whether
+        # the TRUE label is that class: TensorBoard's own binning, on the device.
+        import torch
+
+        classes = outputs.shape[1]
+        probs = outputs.float().softmax(dim=1)
+        buckets = (probs * (PR_THRESHOLDS - 1)).floor().long().clamp_(0, PR_THRESHOLDS - 1)
+        negative = torch.ones_like(buckets).scatter_(1, targets.long().view(-1, 1), 0)
+        columns = torch.arange(classes, device=outputs.device) * PR_THRESHOLDS
+        cells = (negative * (classes * PR_THRESHOLDS) + columns + buckets).view(-1)
+        self._pr_counts.scatter_add_(0, cells, cells.new_ones(cells.shape))
+
+    @hookimpl
+    def on_eval(self, trainer: Trainer, metrics: Mapping[str, Any]) -> None:
+        if not trainer.is_main:
+            return
+        writer, step = self._writer(trainer), trainer.state.step
+        for key, value in metrics.items():
+            if key in ("epoch", "step") or not isinstance(value, (int, float)):
+                continue
+            writer.add_scalar("train/loss_epoch" if key == "train/loss" else key, value, step)
+        if self._pr_counts is not None:
+            self._log_pr_curves(writer, step)
+        if self.confusion_image:
+            self._log_confusion(trainer, writer, step)
+        writer.flush()
+
+    def _log_pr_curves(self, writer: SummaryWriter, step: int) -> None:
+        """The curves exactly as TensorBoard's ``compute_curve`` would from the
+        probabilities and true labels, from the device-side histograms."""
+        assert self._pr_counts is not None
+        counts = self._pr_counts.view(2, len(self._keys), PR_THRESHOLDS).double().cpu()
+        self._pr_counts = None
+        # Counts at or above each threshold: a reversed cumulative sum.
+        tp, fp = (c.flip(-1).cumsum(-1).flip(-1) for c in counts)
+        for index, key in enumerate(self._keys):
+            tp_i, fp_i = tp[index], fp[index]
+            tn_i, fn_i = fp_i[0] - fp_i, tp_i[0] - tp_i
+            precision = tp_i / (tp_i + fp_i).clamp(min=1e-7)
+            recall = tp_i / (tp_i + fn_i).clamp(min=1e-7)
+            writer.add_pr_curve_raw(
+                f"pr/{key}", tp_i.numpy(), fp_i.numpy(), tn_i.numpy(), fn_i.numpy(),
+                precision.numpy(), recall.numpy(), global_step=step, num_thresholds=PR_THRESHOLDS,
+            )
+
+    def _log_confusion(self, trainer: Trainer, writer: SummaryWriter, step: int) -> None:
+        """class-accuracy's matrix (collected before ``on_eval``), rows
+        normalised: cell brightness is the share of a true class predicted as
+        each class."""
+        for plugin in trainer.pm.get_plugins():
+            if isinstance(plugin, ClassAccuracy) and plugin.confusion is not None:
+                name = trainer.pm.get_name(plugin)
+                matrix = plugin.confusion.double()
+                shares = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
+                scale = max(1, 256 // shares.shape[0])  # nearest-neighbour upscaling to ~256 pixels
+                image = shares.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+                writer.add_image(f"{name}/confusion", image.float().unsqueeze(0), step)
+
+    # -- one-off records ------------------------------------------------------
+
+    def _log_images(self, trainer: Trainer, writer: SummaryWriter, inputs: torch.Tensor) -> None:
+        from torchvision.utils import make_grid
+
+        if inputs.dim() != 4 or inputs.shape[1] not in (1, 3):
+            log.warning("tensorboard: inputs of shape %s are not 1- or 3-channel images; no image grid logged", tuple(inputs.shape[1:]))
+            return
+        images = inputs.detach().float()
+        data = trainer.data
+        if data.mean is not None and data.std is not None:
+            shape = (1, -1, 1, 1)
+            images = images * images.new_tensor(data.std).view(shape) + images.new_tensor(data.mean).view(shape)
+            grid = make_grid(images.clamp(0, 1), nrow=8)
+        else:  # nothing to undo: stretch the batch's range to [0, 1]
+            grid = make_grid(images, nrow=8, normalize=True)
+        writer.add_image("images/train_batch", grid.cpu(), trainer.state.step)
+
+    def _log_graph(self, trainer: Trainer, writer: SummaryWriter, example: torch.Tensor) -> None:
+        import torch
+
+        # add_graph traces in eval mode (no batch-norm statistics or dropout
+        # randomness consumed); its own failure report goes to stdout, so catch it.
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
+                writer.add_graph(trainer.model, example)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            log.warning("tensorboard: the model cannot be traced, so no graph is logged (%s: %s)", type(exc).__name__, first)
+
+    def _log_hparams(self, trainer: Trainer, writer: SummaryWriter) -> None:
+        """The run's settings against its final metrics (the HParams tab).  The
+        metric values are the scalars of this run, so nothing is written twice."""
+        from torch.utils.tensorboard.summary import hparams
+
+        final = {k: v for k, v in trainer.state.metrics.items() if k not in ("epoch", "step") and isinstance(v, (int, float))}
+        if not final:
+            return
+        metric_tags = {("train/loss_epoch" if k == "train/loss" else k): v for k, v in final.items()}
+        for summary in hparams(_hparam_values(trainer), metric_tags):
+            writer.file_writer.add_summary(summary)  # type: ignore[union-attr]
+
+
+def _hparam_values(trainer: Trainer) -> dict[str, Any]:
+    """The config as flat ``name: number | string | bool`` pairs."""
+    flat: dict[str, Any] = {}
+    for key, value in trainer.config.to_toml().items():
+        if isinstance(value, Mapping):
+            for inner, item in _flatten(value):
+                flat[f"{key}.{inner}"] = item
+        else:
+            flat[key] = value
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            pairs.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            pairs.append((f"{prefix}{key}", value))
+    return pairs
+
