@@ -54,6 +54,18 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def recipe_or_config(recipe: str | None, config_file: Path | None) -> Path | None:
+    """The config file to read: ``--recipe``'s file, or ``--config`` (not both)."""
+    if recipe is None:
+        return config_file
+    from trainer_core.errors import UsageError
+    from trainer_core.recipes import find_recipe
+
+    if config_file is not None:
+        raise UsageError("give --config FILE or --recipe NAME, not both")
+    return find_recipe(recipe)
+
+
 def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manager) -> click.Group:
     """Build the ``trainer`` command group; tests pass their own ``pm_factory``."""
 
@@ -71,6 +83,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @cli.command()
     @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
                   help="TOML file with settings; command-line options override it.")
+    @click.option("--recipe", metavar="NAME", help="A recipe from 'trainer recipes' (the same as --config with its file).")
     @click.option("--model", help="Model name from 'trainer models'.  [default: smallcnn]")
     @click.option("--dataset", help="Dataset name from 'trainer datasets'.  [default: digits]")
     @click.option("--data-root", help="Folder the dataset reads its files from.")
@@ -120,6 +133,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         from trainer_core.config import resolve_config
         from trainer_core.runner import build_run
 
+        config_file = recipe_or_config(settings.pop("recipe"), config_file)
         resume, run_path = None, None
         if resume_path is not None and str(resume_path) == "auto":
             # The named run's newest checkpoint, or a fresh start there when it has none yet.
@@ -197,6 +211,21 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
 
         show.__doc__ = f"List installed {kind}s and the distribution of each (nothing is imported)."
         return show
+
+    @cli.command()
+    @debug_option
+    @reports_errors
+    def recipes() -> None:
+        """List recipes (ready-made configs for 'trainer run --recipe NAME') and what each does."""
+        from trainer_core.recipes import list_recipes, recipe_dirs
+
+        found = list_recipes()
+        if not found:
+            click.echo(f"no recipes in {' or '.join(str(d) for d in recipe_dirs()) or './recipes'}")
+        for recipe in found:
+            click.echo(f"{recipe.name}  ({recipe.path})")
+            if recipe.description:
+                click.echo(f"    {recipe.description}")
 
     cli.command("models")(lister(MODELS, "model"))
     cli.command("datasets")(lister(DATASETS, "dataset"))

@@ -1,0 +1,85 @@
+"""Images in class folders: ``train/<class>/*`` and ``val/<class>/*`` (the seed's
+hymenoptera layout), read from disk as they are needed.
+
+Unlike the small in-memory datasets these stream through a ``DataLoader``
+(with workers when the run asks for them).  Samples leave the workers as uint8
+tensors; scaling and normalisation happen on whole batches on the training
+device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from trainer_core.data import DataBundle
+from trainer_core.errors import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load(
+    data_root: Path | None = None,
+    image_size: int = 224,
+    resize: int | None = None,
+    augment: bool = True,
+    channels: Literal[1, 3] = 3,
+    normalization: Literal["imagenet", "none"] = "imagenet",
+) -> DataBundle:
+    """An image classification dataset from ``train/`` and ``val/`` class folders.
+
+    With the defaults, the seed's transforms: training images get a random
+    resized 224 crop and a random horizontal flip; validation images are
+    resized to 256 and centre-cropped to 224; both are normalised with the
+    ImageNet mean and std.
+
+    :param data_root: the folder holding ``train/`` and ``val/``.
+    :param image_size: side of the square crop the model sees.
+    :param resize: validation images' shorter side before the centre crop
+        (default: ``image_size * 8 / 7``, the seed's 256 for 224); set it to
+        ``image_size`` to keep the whole image.
+    :param augment: random resized crop and flip for training images;
+        ``false`` treats them like validation images.
+    :param channels: 3 (RGB) or 1 (grayscale).
+    :param normalization: ``imagenet`` (mean/std of ImageNet, for pretrained
+        models) or ``none`` (pixels scaled to 0..1 only).
+    """
+    from torchvision import transforms
+
+    if data_root is None:
+        raise ValueError("needs --data-root: a folder holding train/<class>/ and val/<class>/ image folders")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1 (got {image_size})")
+    if resize is not None and resize < image_size:
+        raise ValueError(f"resize must be >= image_size ({image_size}) (got {resize})")
+    resize = resize if resize is not None else round(image_size * 8 / 7)
+    colour = [transforms.Grayscale(1)] if channels == 1 else []
+    evaluation = transforms.Compose([*colour, transforms.Resize(resize), transforms.CenterCrop(image_size),
+                                     transforms.PILToTensor()])
+    training = transforms.Compose([*colour, transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                   transforms.PILToTensor()]) if augment else evaluation
+    train = _folder(data_root / "train", training)
+    val = _folder(data_root / "val", evaluation)
+    if val.classes != train.classes:
+        raise UsageError(f"{data_root / 'val'} has classes {', '.join(val.classes)} but {data_root / 'train'} has "
+                         f"{', '.join(train.classes)}; both need the same class folders")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalization == "imagenet" else (None, None)
+    if mean is not None and channels == 1:
+        # A grayscale pixel is the luma of the RGB one, so its mean and std are roughly their average.
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return DataBundle(train=train, val=val, classes=list(train.classes), input_shape=(channels, image_size, image_size),
+                      mean=mean, std=std)
+
+
+def _folder(path: Path, transform: object):  # type: ignore[no-untyped-def]
+    """A torchvision ``ImageFolder``; a missing or empty folder is a usage error naming it."""
+    from torchvision.datasets import ImageFolder
+
+    if not path.is_dir():
+        raise UsageError(f"image folder {path} does not exist: --data-root must hold train/<class>/ and val/<class>/ "
+                         f"folders of images (e.g. the seed's hymenoptera_data)")
+    try:
+        return ImageFolder(str(path), transform=transform)
+    except FileNotFoundError as exc:  # no class folders, or a class folder without images
+        raise UsageError(f"image folder {path}: {exc}") from None
