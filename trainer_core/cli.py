@@ -229,6 +229,9 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
 
     cli.command("models")(lister(MODELS, "model"))
     cli.command("datasets")(lister(DATASETS, "dataset"))
+    from trainer_core.commands import add_commands  # here: commands.py imports this module
+
+    add_commands(cli, pm_factory)
     return cli
 
 
