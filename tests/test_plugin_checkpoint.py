@@ -1,0 +1,217 @@
+"""The checkpoint plugin: best-k retention, last.pt, restoring the best weights,
+refusing non-finite saves, monitor checks, and its files as transfer-learning weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from plugins.checkpoint import Checkpoint
+from trainer_core import UsageError, hookimpl, load_checkpoint, load_weights
+from trainer_core.cli import make_cli
+from trainer_core.testing import run_tiny, tiny_model
+
+
+class Scripted:
+    """Produces ``val/score``: one scripted value per epoch."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    @hookimpl
+    def collect_eval_metrics(self, trainer: Any) -> dict[str, float]:
+        return {"val/score": self.values[trainer.state.epoch - 1]}
+
+
+def scripted_run(tmp_path: Path, values: list[float], **options: Any):
+    plugin = Checkpoint(monitor="val/score", **options)
+    trainer = run_tiny({"checkpoint": plugin, "script": Scripted(values)}, epochs=len(values), run_dir=tmp_path / "run")
+    return trainer, plugin, tmp_path / "run" / "checkpoints"
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_mode_auto_follows_the_metric_name() -> None:
+    assert Checkpoint().mode == "max"
+    assert Checkpoint(monitor="val/loss").mode == "min"
+    assert Checkpoint(monitor="val/error").mode == "min"
+    assert Checkpoint(monitor="val/loss", mode="max").mode == "max"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"save_top_k": -2}, "save_top_k must be >= -1"), ({"every_n_steps": -1}, "every_n_steps must be >= 0"),
+     ({"monitor": ""}, "monitor must name a metric")],
+)
+def test_bad_options_are_rejected(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Checkpoint(**options)
+
+
+def test_keeps_the_best_k_and_last(tmp_path: Path) -> None:
+    trainer, plugin, folder = scripted_run(tmp_path, [0.5, 0.9, 0.7, 0.95, 0.1], save_top_k=2, restore_best=False)
+    assert files(folder) == ["best-epoch002-val_score0.9000.pt", "best-epoch004-val_score0.9500.pt", "last.pt"]
+    assert [k["epoch"] for k in plugin.kept] == [4, 2]
+    last = load_checkpoint(folder / "last.pt")
+    assert last["state"]["epoch"] == 5 and last["state"]["step"] == trainer.state.step == 15
+    best = load_checkpoint(folder / "best-epoch004-val_score0.9500.pt")
+    assert best["state"]["epoch"] == 4 and best["state"]["metrics"]["val/score"] == 0.95
+    # A best file records itself among the kept ones, so a resume from it knows its ranking.
+    assert [k["file"] for k in best["plugins"]["checkpoint"]["kept"]] == [
+        "best-epoch004-val_score0.9500.pt", "best-epoch002-val_score0.9000.pt"]
+    assert not any(name.startswith(".") for name in files(folder))  # no temporary file left behind
+
+
+def test_min_mode_all_and_none(tmp_path: Path) -> None:
+    _, _, folder = scripted_run(tmp_path / "a", [3.0, 1.0, 2.0], mode="min", save_top_k=1)
+    assert files(folder) == ["best-epoch002-val_score1.0000.pt", "last.pt"]
+    _, _, folder = scripted_run(tmp_path / "b", [3.0, 1.0, 2.0], save_top_k=-1)
+    assert len(files(folder)) == 4
+    _, _, folder = scripted_run(tmp_path / "c", [3.0, 1.0, 2.0], save_top_k=0)
+    assert files(folder) == ["last.pt"]
+
+
+def test_ties_keep_the_earlier_checkpoint(tmp_path: Path) -> None:
+    _, plugin, folder = scripted_run(tmp_path, [0.8, 0.8], restore_best=False)
+    assert files(folder) == ["best-epoch001-val_score0.8000.pt", "last.pt"]
+
+
+def test_restore_best_loads_the_best_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trainer, _, folder = scripted_run(tmp_path, [0.5, 0.9, 0.7])
+    best = load_checkpoint(folder / "best-epoch002-val_score0.9000.pt")["model"]
+    last = load_checkpoint(folder / "last.pt")["model"]
+    final = trainer.model.state_dict()
+    assert all(torch.equal(final[k], best[k]) for k in best)
+    assert not all(torch.equal(final[k], last[k]) for k in last)  # training went on after the best epoch
+    assert "checkpoint: restored the best weights (val/score 0.9000, epoch 2)" in capsys.readouterr().out
+
+
+def test_restore_best_off_keeps_the_last_weights(tmp_path: Path) -> None:
+    trainer, _, folder = scripted_run(tmp_path, [0.5, 0.9, 0.7], restore_best=False)
+    last = load_checkpoint(folder / "last.pt")["model"]
+    assert all(torch.equal(trainer.model.state_dict()[k], last[k]) for k in last)
+
+
+def test_non_finite_score_never_replaces_a_checkpoint(tmp_path: Path) -> None:
+    _, plugin, folder = scripted_run(tmp_path, [0.5, math.nan, 0.4], save_top_k=2, restore_best=False)
+    assert files(folder) == ["best-epoch001-val_score0.5000.pt", "best-epoch003-val_score0.4000.pt", "last.pt"]
+
+
+def test_non_finite_weights_are_not_saved(tmp_path: Path) -> None:
+    class Poison:
+        @hookimpl
+        def on_epoch_end(self, trainer: Any, epoch: int) -> None:
+            if epoch == 2:
+                with torch.no_grad():
+                    trainer.model[1].weight[0, 0] = math.nan
+
+    plugin = Checkpoint()
+    trainer = run_tiny({"checkpoint": plugin, "poison": Poison()}, epochs=2, run_dir=tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["state"]["epoch"] == 1  # epoch 2's poisoned weights were refused, at the epoch end and at the fit end
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    assert torch.isfinite(trainer.model[1].weight).all()  # and the restored best weights are the good ones
+
+
+def test_unknown_monitor_fails_at_start_up_when_knowable(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"checkpoint.monitor: no evaluation produces 'val/accuracy' "
+                                         r"\(did you mean 'val/acc'\?\); available metrics: val/acc, val/loss, train/loss"):
+        run_tiny({"checkpoint": Checkpoint(monitor="val/accuracy")}, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_monitor_fails_at_the_first_evaluation_with_metric_plugins(tmp_path: Path) -> None:
+    plugins = {"checkpoint": Checkpoint(monitor="val/scor"), "script": Scripted([1.0, 1.0])}
+    with pytest.raises(UsageError, match=r"'val/scor' \(did you mean 'val/score'\?\); available metrics: train/loss, "
+                                         r"val/loss, val/acc, val/score"):
+        run_tiny(plugins, run_dir=tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["status"] == "failed"
+
+
+def test_unknown_monitor_on_the_command_line_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(make_cli(), [
+        "run", "--dataset", "fake", "--epochs", "1", "-q", "--plugins", "checkpoint", "-o", "checkpoint.monitor=val_acc",
+        "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "error: checkpoint.monitor: no evaluation produces 'val_acc'" in result.output
+
+
+def test_needs_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="checkpoint.dirpath"):
+        run_tiny({"checkpoint": Checkpoint()})
+    run_tiny({"checkpoint": Checkpoint(dirpath=tmp_path / "elsewhere")}, epochs=1)
+    assert (tmp_path / "elsewhere" / "last.pt").is_file()
+
+
+def test_every_n_steps_writes_last_mid_epoch(tmp_path: Path) -> None:
+    steps = []
+
+    class Watch:
+        @hookimpl
+        def on_batch_start(self, trainer: Any) -> None:
+            path = tmp_path / "run" / "checkpoints" / "last.pt"
+            if path.exists():
+                steps.append(load_checkpoint(path)["state"]["step"])
+
+    # 3 steps per epoch: saves mid-epoch at steps 2 and 4 and at epoch ends (3, 6), never at an
+    # epoch's last batch (step 6 is one: it is saved after its evaluation).
+    run_tiny({"checkpoint": Checkpoint(every_n_steps=2), "watch": Watch()}, epochs=2, run_dir=tmp_path / "run")
+    assert steps == [2, 3, 4, 4]  # what last.pt holds before steps 3, 4, 5 and 6
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == 6
+
+
+def test_stopped_mid_epoch_saves_its_progress(tmp_path: Path) -> None:
+    class Stop:
+        @hookimpl
+        def on_batch_end(self, trainer: Any) -> None:
+            if trainer.state.step == 4:
+                trainer.request_stop("enough")
+
+    trainer = run_tiny({"checkpoint": Checkpoint(), "stop": Stop()}, epochs=3, run_dir=tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (last["state"]["epoch"], last["state"]["step"], last["state"]["batch_idx"]) == (2, 4, 1)
+    assert trainer.state.stop_reason == "enough"
+
+
+def test_state_is_in_every_checkpoint_with_the_other_plugins(tmp_path: Path) -> None:
+    from plugins.steplr import StepLR
+
+    run_tiny({"checkpoint": Checkpoint(), "steplr": StepLR(step_size=1, gamma=0.5)}, epochs=2, run_dir=tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert set(last["plugins"]) == {"checkpoint", "steplr"}
+    # Saved after steplr's epoch step (trylast), whatever the registration order.
+    assert last["plugins"]["steplr"]["scheduler"]["last_epoch"] == 2
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0125)
+
+
+def test_checkpoint_weights_load_for_transfer_learning(tmp_path: Path) -> None:
+    _, _, folder = scripted_run(tmp_path, [0.5, 0.9])
+    source = load_checkpoint(folder / "best-epoch002-val_score0.9000.pt")["model"]
+    model = tiny_model(num_classes=5)  # a new head: 5 classes instead of 3
+    skipped = load_weights(model, folder / "best-epoch002-val_score0.9000.pt")
+    assert skipped == ["3.bias", "3.weight"]
+    assert torch.equal(model[1].weight, source["1.weight"]) and torch.equal(model[1].bias, source["1.bias"])
+    assert model[3].weight.shape == (5, 16)
+
+
+def test_truncated_checkpoint_is_a_clear_one_line_error(tmp_path: Path) -> None:
+    _, _, folder = scripted_run(tmp_path, [0.5])
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((folder / "last.pt").read_bytes()[:500])
+    with pytest.raises(UsageError) as info:
+        load_checkpoint(broken)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {broken} is damaged or not a checkpoint: ") and "\n" not in message
+    with pytest.raises(UsageError, match="is damaged"):
+        load_weights(tiny_model(), broken)
+    result = CliRunner().invoke(make_cli(), ["run", "--resume", str(broken)])
+    assert result.exit_code == 2 and result.output == f"error: {message}\n"
