@@ -36,9 +36,23 @@ def class_keys(classes: Sequence[str]) -> list[str]:
     return keys
 
 
+def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over the processes of a distributed run (each
+    evaluated its own shard); in a single process it is returned as it is.
+    Every rank must call this at the same point."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 class ClassAccuracy:
     """Per-class validation accuracy (``val/acc/<class>`` metrics), a confusion
-    matrix (``confusion_matrix.json`` in the run folder) and a table at the end."""
+    matrix (``confusion_matrix.json`` in the run folder) and a table at the end.
+
+    In a distributed run every rank counts its shard and the matrices are
+    summed; files and the table come from rank zero."""
 
     def __init__(self, prefix: str = "val/acc", table: bool = True, matrix_file: str = "confusion_matrix.json") -> None:
         """:param prefix: metric names are ``<prefix>/<class>``.
@@ -90,7 +104,7 @@ class ClassAccuracy:
         if self._counts is None:
             return None
         classes = len(self._classes)
-        self.confusion = self._counts.view(classes, classes).cpu()
+        self.confusion = sum_across_ranks(self._counts).view(classes, classes).cpu()
         self._counts = None
         self.evaluated_at = {"epoch": trainer.state.epoch, "step": trainer.state.step}
         if trainer.is_main and trainer.run_path is not None and self.matrix_file:

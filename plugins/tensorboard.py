@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from plugins.class_accuracy import ClassAccuracy, class_keys
+from plugins.class_accuracy import ClassAccuracy, class_keys, sum_across_ranks
 from trainer_core import UsageError, hookimpl
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class TensorBoard:
         self.writer: SummaryWriter | None = None
         self._path: Path | None = None
         self._first_batch_done = False
-        self._correct: torch.Tensor | None = None  # training predictions right since the last log
+        self._correct: torch.Tensor | None = None  # right training predictions since the last log, on the device
         self._seen = 0
         self._pr_counts: torch.Tensor | None = None  # 2 x classes x thresholds: positives, negatives
         self._keys: list[str] = []
@@ -88,8 +88,13 @@ class TensorBoard:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
+        import torch
+
+        self._keys = class_keys([str(c) for c in trainer.data.classes])
+        self._correct, self._seen = torch.zeros((), dtype=torch.int64, device=trainer.device), 0
+        self._first_batch_done = False
         if not trainer.is_main:
-            return
+            return  # other ranks only count (training accuracy, PR histograms) for rank zero
         if self.log_dir is None and trainer.run_path is None:
             raise UsageError("tensorboard has nowhere to write: this run has no run folder; set -o tensorboard.log_dir=PATH")
         path = Path(self.log_dir) if self.log_dir is not None else trainer.run_path / "tensorboard"  # type: ignore[operator]
@@ -102,8 +107,6 @@ class TensorBoard:
         import torch.utils.tensorboard  # noqa: F401  (slow import: only when the plugin is used)
 
         self._path = path
-        self._keys = class_keys([str(c) for c in trainer.data.classes])
-        self._first_batch_done = False
 
     def _writer(self, trainer: Trainer) -> SummaryWriter:
         """Open the writer on first use, after a resumed run has its step back:
@@ -163,12 +166,10 @@ class TensorBoard:
 
     @hookimpl
     def on_batch_end(self, trainer: Trainer, targets: torch.Tensor, outputs: torch.Tensor) -> None:
-        if not trainer.is_main:
-            return
-        right = (outputs.argmax(dim=1) == targets).sum()
-        self._correct = right if self._correct is None else self._correct + right
+        assert self._correct is not None, "on_batch_end before on_fit_start"
+        self._correct += (outputs.argmax(dim=1) == targets).sum()
         self._seen += targets.shape[0]
-        if self._histograms_due(trainer, trainer.state.step, finished=True):
+        if trainer.is_main and self._histograms_due(trainer, trainer.state.step, finished=True):
             writer = self._writer(trainer)
             for name, param in trainer.model.named_parameters():
                 writer.add_histogram(f"weights/{name}", param.detach(), trainer.state.step)
@@ -183,13 +184,20 @@ class TensorBoard:
 
     @hookimpl
     def on_train_log(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        import torch
+
+        assert self._correct is not None, "on_train_log before on_fit_start"
+        # The interval's one read-back: right and seen, summed over the ranks.
+        counts = torch.stack([self._correct, self._correct.new_tensor(self._seen)])
+        right, seen = sum_across_ranks(counts).tolist()
+        self._correct.zero_()
+        self._seen = 0
         if not trainer.is_main:
             return
         writer, step = self._writer(trainer), trainer.state.step
         writer.add_scalar("train/loss", metrics["train/loss"], step)
-        if self._correct is not None and self._seen:
-            writer.add_scalar("train/acc", self._correct.item() / self._seen, step)  # the interval's one sync
-        self._correct, self._seen = None, 0
+        if seen:
+            writer.add_scalar("train/acc", right / seen, step)
         if trainer.optimizer is not None:
             for index, group in enumerate(trainer.optimizer.param_groups):
                 writer.add_scalar(f"lr/group{index}", float(group["lr"]), step)
@@ -198,14 +206,14 @@ class TensorBoard:
 
     @hookimpl
     def on_eval_start(self, trainer: Trainer) -> None:
-        if trainer.is_main and self.pr_curves:
+        if self.pr_curves:
             import torch
 
             self._pr_counts = torch.zeros(2 * len(self._keys) * PR_THRESHOLDS, dtype=torch.int64, device=trainer.device)
 
     @hookimpl
     def on_eval_batch(self, trainer: Trainer, targets: torch.Tensor, outputs: torch.Tensor) -> None:
-        if self._pr_counts is None or not trainer.is_main:
+        if self._pr_counts is None:
             return
         # Per class, a histogram of the predicted probability, split by whether
         # the TRUE label is that class: TensorBoard's own binning, on the device.
@@ -220,8 +228,16 @@ class TensorBoard:
         self._pr_counts.scatter_add_(0, cells, cells.new_ones(cells.shape))
 
     @hookimpl
+    def collect_eval_metrics(self, trainer: Trainer) -> None:
+        # Not a producer: the one point after the last validation batch where
+        # every rank is, to sum the PR histograms of all shards.
+        if self._pr_counts is not None:
+            sum_across_ranks(self._pr_counts)
+
+    @hookimpl
     def on_eval(self, trainer: Trainer, metrics: Mapping[str, Any]) -> None:
         if not trainer.is_main:
+            self._pr_counts = None
             return
         writer, step = self._writer(trainer), trainer.state.step
         for key, value in metrics.items():

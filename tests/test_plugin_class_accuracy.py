@@ -199,3 +199,4 @@ def test_bad_options_are_one_line_usage_errors(tmp_path: Path, option: str, mess
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+

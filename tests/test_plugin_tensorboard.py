@@ -398,3 +398,73 @@ def test_real_tensorboard_server_serves_the_run(finished: Finished) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def fabricated(seed: int, size: int = 25, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and logits, the same in every process."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, classes, (size,), generator=generator), torch.randn(size, classes, generator=generator)
+
+
+def shard_batches(rank: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's uneven shard (13 or 12 samples) in batches of 5."""
+    targets, outputs = fabricated(seed)
+    first, last = (0, 13) if rank == 0 else (13, 25)
+    return [(targets[s : min(s + 5, last)], outputs[s : min(s + 5, last)]) for s in range(first, last, 5)]
+
+
+def distributed_worker(rank: int, world_size: int, folder: str) -> None:
+    """One process of a gloo group driving both plugins' hooks over its shard."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
+    try:
+        trainer = run_tiny(fit=False)
+        trainer.rank = rank
+        board = TensorBoard(log_dir=Path(folder) / "tb", images=0, graph=False, histogram_every_n_steps=0)
+        classes = ClassAccuracy(table=False)
+        for plugin in (board, classes):
+            plugin.on_fit_start(trainer=trainer)
+        for targets, outputs in shard_batches(rank, seed=1):
+            board.on_batch_end(trainer=trainer, targets=targets, outputs=outputs)
+        trainer.state.step = 4
+        board.on_train_log(trainer=trainer, metrics={"train/loss": 1.0, "train/samples": 13.0, "lr": 0.05})
+        board.on_eval_start(trainer=trainer)
+        classes.on_eval_start(trainer=trainer)
+        for targets, outputs in shard_batches(rank, seed=2):
+            board.on_eval_batch(trainer=trainer, targets=targets, outputs=outputs)
+            classes.on_eval_batch(targets=targets, outputs=outputs)
+        metrics = classes.collect_eval_metrics(trainer=trainer)
+        board.collect_eval_metrics(trainer=trainer)
+        board.on_eval(trainer=trainer, metrics={"epoch": 1, "step": 4, **metrics})
+        board.on_fit_end(trainer=trainer)
+        torch.save({"confusion": classes.confusion, "metrics": metrics}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_counts_are_summed_over_ranks(tmp_path: Path) -> None:
+    """Two real gloo processes, each with an uneven shard: the confusion matrix,
+    training accuracy and PR curves equal those of all samples; rank zero alone writes."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(distributed_worker, args=(2, str(tmp_path)), nprocs=2)
+    targets, outputs = fabricated(seed=2)
+    expected = torch.zeros(3, 3, dtype=torch.int64)
+    for target, prediction in zip(targets.tolist(), outputs.argmax(dim=1).tolist()):
+        expected[target, prediction] += 1
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(saved["confusion"], expected)
+        assert saved["metrics"] == {f"val/acc/class{i}": expected[i, i].item() / expected[i].sum().item() for i in range(3)}
+
+    assert len(list((tmp_path / "tb").iterdir())) == 1  # one writer
+    reader = read_events(tmp_path / "tb")
+    train_targets, train_outputs = fabricated(seed=1)
+    assert scalars(reader, "train/acc") == [(4, pytest.approx((train_outputs.argmax(dim=1) == train_targets).float().mean().item()))]
+    probs = outputs.softmax(dim=1)
+    for index in range(3):
+        logged = tensor_util.make_ndarray(reader.Tensors(f"pr/class{index}")[0].tensor_proto)
+        truth = compute_curve(labels=(targets == index).numpy(), predictions=probs[:, index].numpy(), num_thresholds=PR_THRESHOLDS)
+        np.testing.assert_allclose(logged, truth, rtol=1e-6, atol=1e-6)
