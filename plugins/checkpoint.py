@@ -65,6 +65,7 @@ class Checkpoint:
         self.kept: list[dict[str, Any]] = []
         self._score: float | None = None  # the monitored value of the epoch's evaluation
         self._saved_step = -1  # the step ``last.pt`` holds
+        self._due = False  # a mid-epoch save waits for the end of a gradient accumulation
 
     # -- start-up ------------------------------------------------------------
 
@@ -93,10 +94,15 @@ class Checkpoint:
 
     @hookimpl(trylast=True)
     def on_batch_end(self, trainer: Trainer) -> None:
+        if not self.every_n_steps:
+            return
         state = trainer.state
+        self._due = self._due or state.step % self.every_n_steps == 0
+        # Gradients being accumulated are not in a checkpoint: wait for the optimizer step.
         # The epoch's last batch is saved at on_epoch_end, after its evaluation:
         # a checkpoint there would resume past an evaluation that never happened.
-        if self.every_n_steps and state.step % self.every_n_steps == 0 and state.batch_idx < len(trainer.train_batches):
+        if (self._due and state.batch_idx % trainer.config.accumulate_grad_batches == 0
+                and state.batch_idx < len(trainer.train_batches)):
             self._save(trainer, best=None)
 
     @hookimpl(trylast=True)
@@ -160,7 +166,7 @@ class Checkpoint:
                 kept = kept[: self.save_top_k]
             self.kept = kept  # before the state is taken, so the files record themselves
             files.insert(0, name)
-        self._saved_step = state.step
+        self._saved_step, self._due = state.step, False
         if not trainer.is_main:
             return
         payload = trainer.checkpoint_state()

@@ -88,23 +88,24 @@ class Kill:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], tuple[Trainer, Logs]]:
-    """The uninterrupted 3-epoch run for a logging interval (computed once each)."""
-    done: dict[int, tuple[Trainer, Logs]] = {}
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Trainer, Logs]]:
+    """The uninterrupted 3-epoch run for given settings (computed once each)."""
+    done: dict[tuple, tuple[Trainer, Logs]] = {}
 
-    def get(log_every: int) -> tuple[Trainer, Logs]:
-        if log_every not in done:
+    def get(**settings: Any) -> tuple[Trainer, Logs]:
+        key = tuple(sorted(settings.items()))
+        if key not in done:
             logs = Logs()
-            trainer = fit(tmp_path_factory.mktemp("straight") / "run", 3, {**plugins(), "logs": logs}, log_every_n_steps=log_every)
-            done[log_every] = (trainer, logs)
-        return done[log_every]
+            trainer = fit(tmp_path_factory.mktemp("straight") / "run", 3, {**plugins(), "logs": logs}, **settings)
+            done[key] = (trainer, logs)
+        return done[key]
 
     return get
 
 
 @pytest.mark.parametrize("stopped_after", [1, 2])  # before and after freeze's unfreezing at epoch 2
 def test_resume_at_an_epoch_boundary_is_exact(tmp_path: Path, straight, stopped_after: int) -> None:
-    reference, _ = straight(50)
+    reference, _ = straight()
     fit(tmp_path / "run", stopped_after, plugins())
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert saved["plugins"]["freeze"] == {"unfrozen": stopped_after >= 2}
@@ -124,7 +125,7 @@ def test_resume_at_an_epoch_boundary_is_exact(tmp_path: Path, straight, stopped_
 def test_mid_epoch_resume_is_exact(
     tmp_path: Path, straight, log_every: int, killed_at: int, resumed_from: int, first_log: int
 ) -> None:
-    reference, reference_logs = straight(log_every)
+    reference, reference_logs = straight(log_every_n_steps=log_every)
     with pytest.raises(PluginError, match="plugin 'kill' failed in on_batch_end"):
         fit(tmp_path / "run", 3, {**plugins(every_n_steps=2), "kill": Kill(killed_at)}, log_every_n_steps=log_every)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == resumed_from
@@ -134,6 +135,32 @@ def test_mid_epoch_resume_is_exact(
     # The training logs from the resume point on are the uninterrupted run's, values and intervals.
     assert logs.seen == [entry for entry in reference_logs.seen if entry[0] >= first_log]
     assert logs.seen[0][0] == first_log
+
+
+@pytest.mark.parametrize(("killed_at", "resumed_from"), [(5, 3), (6, 5)])
+def test_mid_epoch_saves_wait_for_gradient_accumulation(tmp_path: Path, straight, killed_at: int, resumed_from: int) -> None:
+    """With 2 batches per optimizer step, step 4 holds half-accumulated gradients: no save there."""
+    reference, _ = straight(accumulate_grad_batches=2)
+    with pytest.raises(PluginError):
+        fit(tmp_path / "run", 3, {**plugins(every_n_steps=1), "kill": Kill(killed_at)}, accumulate_grad_batches=2)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == resumed_from
+    resumed = fit(tmp_path / "run", 3, plugins(every_n_steps=1), resume=True, accumulate_grad_batches=2)
+    assert_same_run(reference, resumed)
+
+
+def test_resume_after_a_stop_mid_epoch_is_exact(tmp_path: Path, straight) -> None:
+    """A run stopped part-way (a signal, a plugin) saves its progress at the end and resumes from it."""
+
+    class Stop:
+        @hookimpl
+        def on_batch_end(self, trainer: Trainer) -> None:
+            if trainer.state.step == 4:
+                trainer.request_stop("asked to stop")
+
+    reference, _ = straight()
+    fit(tmp_path / "run", 3, {**plugins(), "stop": Stop()})
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == 4
+    assert_same_run(reference, fit(tmp_path / "run", 3, plugins(), resume=True))
 
 
 def test_resume_keeps_a_better_best(tmp_path: Path) -> None:
@@ -159,8 +186,8 @@ def test_cli_resume_in_real_processes(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     second = trainer_run("--resume", "a", "--epochs", "3", cwd=tmp_path)  # options and plugins come from the checkpoint
     assert second.returncode == 0, second.stderr
-    straight = trainer_run("--run-dir", "b", "--epochs", "3", *common, cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr
+    plain = trainer_run("--run-dir", "b", "--epochs", "3", *common, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert a["state"]["epoch"] == 3 and a["state"]["step"] == b["state"]["step"]
