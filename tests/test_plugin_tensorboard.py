@@ -334,25 +334,30 @@ def test_bad_options_are_one_line_usage_errors(tmp_path: Path, option: str, mess
     assert len(result.output.strip().splitlines()) == 1
 
 
+BUILTINS = ["progress", "tensorboard", "class-accuracy", "steplr", "checkpoint", "freeze", "early-stopping"]
+
+
 @pytest.mark.slow
 def test_with_every_builtin_in_any_order(tmp_path: Path) -> None:
-    orders = ["progress,tensorboard,class-accuracy", "class-accuracy,tensorboard,progress", "tensorboard,progress,class-accuracy"]
+    orders = [BUILTINS, BUILTINS[::-1], BUILTINS[3:] + BUILTINS[:3]]
+    options = ["-o", "steplr.step_size=1", "-o", "steplr.gamma=0.5", "-o", "freeze.unfreeze_at_epoch=2",
+               "-o", "checkpoint.monitor=val/acc/class0", "-o", "checkpoint.restore_best=false"]
     results = []
     for index, order in enumerate(orders):
         run = tmp_path / f"run{index}"
-        result = CliRunner().invoke(make_cli(), ["run", "--dataset", "fake", "--model", "smallcnn", "--epochs", "2",
-                                                 "--plugins", order, "--run-dir", str(run)])
+        result = CliRunner().invoke(make_cli(), ["run", "--dataset", "fake", "--epochs", "2", "--plugins", ",".join(order),
+                                                 *options, "--run-dir", str(run)])
         assert result.exit_code == 0, result.output
         assert "per-class accuracy (epoch 2):" in result.output
-        records = metrics_records(run)
-        for record in records:
-            record.pop("wall_time", None)
         reader = read_events(run / "tensorboard")
         assert {"val/acc/class0", "val/acc/class1", "val/acc/class2", "train/loss", "train/acc"} <= set(reader.Tags()["scalars"])
         assert {"pr/class0", "pr/class1", "pr/class2"} <= set(reader.Tags()["tensors"])
-        assert reader.Tags()["graph"] and reader.Tags()["images"]
+        assert reader.Tags()["graph"] and reader.Tags()["images"] and reader.Tags()["histograms"]
+        # steplr halves the rate each epoch; freeze adds a group for the unfrozen backbone at epoch 2.
+        assert scalars(reader, "lr/group0") == [(3, pytest.approx(1e-3)), (6, pytest.approx(5e-4))]
+        assert [step for step, _ in scalars(reader, "lr/group1")] == [6]
         assert "val/acc/class2" in json.loads((run / "summary.json").read_text())["final"]
-        results.append((records, scalars(reader, "val/acc")))
+        results.append((metrics_records(run), scalars(reader, "val/acc"), sorted(p.name for p in (run / "checkpoints").iterdir())))
     assert results[0] == results[1] == results[2]  # the order of --plugins changes nothing
 
 
