@@ -215,3 +215,30 @@ def test_truncated_checkpoint_is_a_clear_one_line_error(tmp_path: Path) -> None:
         load_weights(tiny_model(), broken)
     result = CliRunner().invoke(make_cli(), ["run", "--resume", str(broken)])
     assert result.exit_code == 2 and result.output == f"error: {message}\n"
+
+
+@pytest.mark.slow
+def test_a_failing_write_is_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    """A file-size limit (as a full disk would) makes the second epoch's save fail for real."""
+    import resource
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    first = CliRunner().invoke(make_cli(), ["run", "--dataset", "fake", "--epochs", "1", "-q", "--device", "cpu",
+                                            "--plugins", "checkpoint", "--run-dir", str(run)])
+    assert first.exit_code == 0, first.output
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    assert len(before) > 100_000
+
+    def limit() -> None:  # in the child: files may not grow past 100 kB (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    second = subprocess.run([sys.executable, "-m", "trainer_core", "run", "--resume", str(run), "--epochs", "2", "-q"],
+                            capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert second.returncode == 1
+    assert second.stderr.count("\n") == 1 and "error: cannot write checkpoint" in second.stderr
+    assert "File too large; the previous checkpoints are intact" in second.stderr
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["epoch"] == 1

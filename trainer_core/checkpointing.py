@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 import torch
 
@@ -19,13 +19,42 @@ FORMAT = 1
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` to ``path`` through a temporary file; the previous
     file at ``path`` stays intact if anything fails."""
+    sink = _Sink()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_with(path, lambda handle: torch.save(dict(payload), handle))
-    except OSError as exc:  # a full disk, a read-only folder
+        atomic_write_with(path, lambda handle: torch.save(dict(payload), sink.wrap(handle)))
+    except (OSError, RuntimeError) as exc:  # a full disk, a read-only folder
+        cause = sink.error or exc
+        if not isinstance(cause, OSError):
+            raise
         raise TrainerError(
-            f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous checkpoints are intact"
+            f"cannot write checkpoint {path}: {cause.strerror or cause}; the previous checkpoints are intact"
         ) from None
+
+
+class _Sink:
+    """A file wrapper that remembers the write error, which ``torch.save``
+    reports only as an opaque RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self) -> None:
+        self.error: OSError | None = None
+        self._handle: BinaryIO | None = None
+
+    def wrap(self, handle: BinaryIO) -> _Sink:
+        self._handle = handle
+        return self
+
+    def write(self, data: bytes) -> int:
+        assert self._handle is not None
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        assert self._handle is not None
+        self._handle.flush()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
