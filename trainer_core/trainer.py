@@ -204,7 +204,8 @@ class Trainer:
             if self.run_dir is not None and self.is_main:
                 self.run_dir.truncate_metrics(self.state.step)
         while not self.state.should_stop and self._next_epoch():
-            self._train_epoch()
+            if self.state.batch_idx < len(self.train_batches):  # else: resumed between its training and evaluation
+                self._train_epoch()
             if self.state.should_stop and self.state.batch_idx < len(self.train_batches):
                 break  # stopped mid-epoch: no evaluation of a partial epoch
             if not self.evaluate():
@@ -213,9 +214,10 @@ class Trainer:
         self._emit("on_fit_end", trainer=self)
 
     def _next_epoch(self) -> bool:
-        """Move to the next epoch unless one is part-way (a mid-epoch resume); False when done."""
+        """Move to the next epoch unless one is part-way (a mid-epoch resume, or a resume
+        of an epoch whose evaluation a signal cut short); False when done."""
         state = self.state
-        if state.epoch > 0 and state.batch_idx < len(self.train_batches):
+        if state.epoch > 0 and (state.batch_idx < len(self.train_batches) or state.metrics.get("epoch") != state.epoch):
             return True
         if state.epoch >= self.config.epochs:
             return False
