@@ -156,7 +156,9 @@ class Checkpoint:
         evicted: list[str] = []
         files = [LAST]
         if best is not None:
-            name = f"best-epoch{state.epoch:03d}-{re.sub(r'[^0-9A-Za-z]+', '_', self.monitor)}{best:.4f}.pt"
+            slug = re.sub(r"[^0-9A-Za-z]+", "_", self.monitor)
+            slug += "-" if slug[-1].isdigit() else ""  # val/acc/3 at 0.97: val_acc_3-0.9700, not val_acc_30.9700
+            name = f"best-epoch{state.epoch:03d}-{slug}{best:.4f}.pt"
             entry = {"file": name, "score": best, "epoch": state.epoch, "step": state.step}
             # Ties keep the older checkpoint ahead (a stable sort on "better").
             kept = [k for k in self.kept if k["file"] != name] + [entry]

@@ -152,6 +152,16 @@ def test_needs_a_folder(tmp_path: Path) -> None:
     assert (tmp_path / "elsewhere" / "last.pt").is_file()
 
 
+def test_file_names_stay_readable_for_any_metric(tmp_path: Path) -> None:
+    class PerClass:
+        @hookimpl
+        def collect_eval_metrics(self) -> dict[str, float]:
+            return {"val/acc/3": 0.97}
+
+    run_tiny({"checkpoint": Checkpoint(monitor="val/acc/3"), "per-class": PerClass()}, epochs=1, run_dir=tmp_path / "run")
+    assert files(tmp_path / "run" / "checkpoints") == ["best-epoch001-val_acc_3-0.9700.pt", "last.pt"]
+
+
 def test_every_n_steps_writes_last_mid_epoch(tmp_path: Path) -> None:
     steps = []
 
@@ -182,10 +192,14 @@ def test_stopped_mid_epoch_saves_its_progress(tmp_path: Path) -> None:
     assert trainer.state.stop_reason == "enough"
 
 
-def test_state_is_in_every_checkpoint_with_the_other_plugins(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpoint_first", [True, False])
+def test_state_is_in_every_checkpoint_with_the_other_plugins(tmp_path: Path, checkpoint_first: bool) -> None:
     from plugins.steplr import StepLR
 
-    run_tiny({"checkpoint": Checkpoint(), "steplr": StepLR(step_size=1, gamma=0.5)}, epochs=2, run_dir=tmp_path / "run")
+    plugins = {"checkpoint": Checkpoint(), "steplr": StepLR(step_size=1, gamma=0.5)}
+    if not checkpoint_first:
+        plugins = dict(reversed(plugins.items()))
+    run_tiny(plugins, epochs=2, run_dir=tmp_path / "run")
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert set(last["plugins"]) == {"checkpoint", "steplr"}
     # Saved after steplr's epoch step (trylast), whatever the registration order.
