@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from plugins.datasets.mnist import load_fashion_mnist
+from plugins.datasets.mnist import load_fashion_mnist, select_classes
 from trainer_core.errors import UsageError
 
 HELD_OUT = ("pullover", "coat")  # what the pretrain recipe leaves out: similar to its shirts and t-shirts
@@ -44,7 +44,8 @@ def export(
         raise UsageError(f"--per-class and --val-per-class must be >= 1 (got {per_class}, {val_per_class})")
     if out.exists():
         raise UsageError(f"{out} already exists; remove it or choose another --out")
-    data = load_fashion_mnist(data_root, classes=list(classes))
+    data = load_fashion_mnist(data_root)
+    wanted_classes = select_classes(data.classes, classes)
     generator = torch.Generator().manual_seed(seed)
     counts = {}
     partial = out.with_name(f".{out.name}.partial")  # renamed into place when complete
@@ -52,14 +53,15 @@ def export(
     for split, wanted in (("train", per_class), ("val", val_per_class)):
         tensors = getattr(data, split)
         counts[split] = 0
-        for index, name in enumerate(data.classes):
+        for index in wanted_classes:
+            name = data.classes[index]
             members = (tensors.targets == index).nonzero().flatten()
             if len(members) < wanted:
                 raise UsageError(f"the {split} split has only {len(members)} images of {name}, fewer than {wanted}")
             chosen = members[torch.randperm(len(members), generator=generator)[:wanted]] if split == "train" else members[:wanted]
             folder = partial / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            for sample in chosen.tolist():
+            for sample in chosen.tolist():  # named by its index in the IDX file, to trace it back
                 Image.fromarray(tensors.inputs[sample, 0].numpy()).save(folder / f"{sample:05d}.png")
             counts[split] += len(chosen)
     partial.rename(out)
