@@ -14,6 +14,8 @@ from trainer_core.checkpointing import CHECKPOINT_FOLDER, LAST, load_checkpoint,
 from trainer_core.suggest import did_you_mean
 
 if TYPE_CHECKING:
+    import torch
+
     from trainer_core import Trainer
 
 log = logging.getLogger("trainer_core.checkpoint")
@@ -122,7 +124,11 @@ class Checkpoint:
         if self.restore_best and self.kept and self.folder is not None:
             best = self.kept[0]
             path = self.folder / best["file"]
-            trainer.model.load_state_dict(load_checkpoint(path)["model"])
+            # Only rank zero writes (and surely has) the file; the other ranks get its weights.
+            if trainer.is_main:
+                trainer.model.load_state_dict(load_checkpoint(path)["model"])
+            if trainer.world_size > 1:
+                _broadcast_from_rank_zero(trainer.model)
             if trainer.is_main:
                 print(
                     f"checkpoint: restored the best weights ({self.monitor} {best['score']:.4f}, epoch {best['epoch']}) "
@@ -195,3 +201,11 @@ class Checkpoint:
         assert self.folder is not None
         # Files deleted by hand (or a resume into another folder) are not ranked against.
         self.kept = [k for k in state["kept"] if (self.folder / k["file"]).is_file()]
+
+
+def _broadcast_from_rank_zero(model: torch.nn.Module) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)

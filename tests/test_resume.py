@@ -22,7 +22,7 @@ from test_plugin_checkpoint import Scripted
 from trainer_core import RunConfig, Trainer, hookimpl, load_checkpoint
 from trainer_core.checkpointing import find_checkpoint
 from trainer_core.cli import make_cli
-from trainer_core.errors import PluginError
+from trainer_core.errors import PluginError, UsageError
 from trainer_core.rundir import RunDir
 from trainer_core.runtime import seed_everything
 from trainer_core.testing import tiny_data
@@ -222,3 +222,16 @@ def test_interrupted_save_leaves_no_candidate(tmp_path: Path) -> None:
     picked = find_checkpoint(tmp_path / "run")
     assert not picked.name.startswith(".")
     load_checkpoint(picked)
+
+
+def test_checkpoint_of_another_class_count_names_the_keys(tmp_path: Path) -> None:
+    fit(tmp_path / "run", 1, {"checkpoint": Checkpoint()})
+    payload = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    config = RunConfig(epochs=2, batch_size=16, device="cpu", plugins={}, model="tiny", dataset="tiny")
+    five = nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 5))
+    trainer = Trainer(five, tiny_data(num_classes=5), config, resume=payload)
+    with pytest.raises(UsageError) as info:
+        trainer.fit()
+    assert str(info.value) == (
+        "checkpoint does not fit this model (shape in checkpoint vs model: 4.weight (3, 16) vs (5, 16), 4.bias (3,) vs (5,)): "
+        "resume with the same model and classes, or start from its weights with a new head with -o model.weights=PATH")

@@ -139,8 +139,8 @@ class Trainer:
         """Restore model, optimizer, progress, RNG and plugin state from a checkpoint."""
         try:
             self.model.load_state_dict(payload["model"])
-        except RuntimeError as exc:
-            raise UsageError(f"checkpoint does not fit this model: {_first_line(exc)}") from None
+        except RuntimeError:
+            raise UsageError(_misfit(self.model.state_dict(), payload["model"])) from None
         self.state.load_state_dict(payload["state"])
         self.state.should_stop, self.state.stop_reason = False, None
         self._epoch_loss, self._epoch_samples = payload["epoch_totals"]
@@ -388,6 +388,17 @@ class Trainer:
             "device": str(self.device),
             "versions": {"trainer-core": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
+
+
+def _misfit(own: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> str:
+    """Why a checkpoint's weights do not load: the keys that differ, a few of each kind."""
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for label, keys in (("shape in checkpoint vs model", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
+    return (f"checkpoint does not fit this model ({'; '.join(parts)}): resume with the same model and classes, or start "
+            "from its weights with a new head with -o model.weights=PATH")
 
 
 def _first_line(exc: BaseException) -> str:
