@@ -109,15 +109,18 @@ class TensorBoard:
         self._path = path
 
     def _writer(self, trainer: Trainer) -> SummaryWriter:
-        """Open the writer on first use, after a resumed run has its step back:
-        ``purge_step`` tells TensorBoard to drop the events a previous attempt
-        wrote after the step this run continues from."""
+        """Open the writer on first use, after a resumed run has its step back.
+
+        ``purge_step`` tells TensorBoard to hide what earlier writers in the
+        folder logged after the step this run continues from: a resumed run
+        continues its curves instead of doubling them, and a run started
+        afresh in the folder (``--overwrite``) replaces the old curves."""
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             assert self._path is not None, "tensorboard used before on_fit_start"
             step = trainer.state.step
-            self.writer = SummaryWriter(str(self._path), purge_step=step + 1 if step > 0 else None, flush_secs=self.flush_secs)
+            self.writer = SummaryWriter(str(self._path), purge_step=step + 1 if step > 0 else 0, flush_secs=self.flush_secs)
         return self.writer
 
     def _close(self) -> None:

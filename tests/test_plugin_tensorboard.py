@@ -299,22 +299,36 @@ def test_writer_closed_when_the_run_fails(tmp_path: Path) -> None:
     assert [step for step, _ in scalars(read_events(tmp_path / "run" / "tensorboard"), "train/loss")] == [1, 2, 3]
 
 
+def date_back(folder: Path) -> None:
+    """TensorBoard reads event files in name order, and a name starts with the
+    writer's start time in seconds: date the files in ``folder`` a minute back,
+    as a later process would find them."""
+    for old in folder.iterdir():
+        stamp, rest = old.name.removeprefix("events.out.tfevents.").split(".", 1)
+        old.rename(old.with_name(f"events.out.tfevents.{int(stamp) - 60}.{rest}"))
+
+
 def test_resumed_run_replaces_the_events_after_its_checkpoint(tmp_path: Path) -> None:
-    first = run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run", fit=False)
-    first.fit()
-    # TensorBoard reads event files in name order, and a name starts with the
-    # writer's start time in seconds: date the first attempt a minute back, as
-    # a resume in a later process would find it.
-    (old_file,) = (tmp_path / "run" / "tensorboard").iterdir()
-    stamp, rest = old_file.name.removeprefix("events.out.tfevents.").split(".", 1)
-    old_file.rename(old_file.with_name(f"events.out.tfevents.{int(stamp) - 60}.{rest}"))
+    first = run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run")
+    date_back(tmp_path / "run" / "tensorboard")
     # Resume from a checkpoint taken after epoch 1 (step 3).
     checkpoint = first.checkpoint_state()
-    checkpoint["state"].update(epoch=1, step=3, batch_idx=3, history=checkpoint["state"]["history"][:1])
+    history = checkpoint["state"]["history"][:1]
+    checkpoint["state"].update(epoch=1, step=3, batch_idx=3, history=history, metrics=history[0])
     resumed = TensorBoard(log_dir=tmp_path / "run" / "tensorboard", images=0, graph=False)
     Trainer(first.model, first.data, first.config, plugins={"tensorboard": resumed}, resume=checkpoint).fit()
     steps = [step for step, _ in scalars(read_events(tmp_path / "run" / "tensorboard"), "val/acc")]
     assert steps == [3, 6]  # the first attempt's step-6 point was purged, not doubled
+
+
+def test_overwritten_run_replaces_the_old_curves(tmp_path: Path) -> None:
+    run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run", epochs=3)
+    date_back(tmp_path / "run" / "tensorboard")
+    run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run", lr=0.01)  # overwrites
+    reader = read_events(tmp_path / "run" / "tensorboard")
+    records = metrics_records(tmp_path / "run")
+    assert scalars(reader, "val/loss") == [(r["step"], pytest.approx(r["val/loss"], rel=1e-6)) for r in records]
+    assert [step for step, _ in scalars(reader, "train/loss")] == [3, 6]  # nothing left of the old run's epoch 3
 
 
 @pytest.mark.parametrize(
