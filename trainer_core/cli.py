@@ -23,6 +23,9 @@ from trainer_core.pluginmanager import check_plugin, implemented_hooks, make_plu
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# ``run`` options that start torchrun; the processes it starts get the other options.
+LAUNCHER_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
+
 debug_option = click.option(
     "--debug", is_flag=True, envvar="TRAINER_DEBUG", help="Show the full traceback of an error (or set TRAINER_DEBUG=1)."
 )
@@ -38,7 +41,7 @@ def reports_errors(command: F) -> F:
         except TrainerError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            echo_error(str(exc), exc)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             if debug:
@@ -48,10 +51,36 @@ def reports_errors(command: F) -> F:
         except Exception as exc:
             if debug:
                 raise
-            click.echo(f"error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)", err=True)
+            echo_error(f"{type(exc).__name__}: {exc} (run again with --debug for the traceback)", exc)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def echo_error(message: str, exc: BaseException) -> None:
+    """Print ``error: message`` on stderr.  In one process of a distributed run,
+    name its rank and leave the message for torchrun's failure report."""
+    from trainer_core.distributed import record_error, worker_label
+
+    click.echo(f"error: {worker_label()}{message}", err=True)
+    record_error(message, exc)
+
+
+def worker_args(ctx: click.Context, skip: tuple[str, ...]) -> list[str]:
+    """The command line that repeats this command's given options, less ``skip``
+    (parameter names): what each process started by torchrun runs."""
+    args = [ctx.info_name or ctx.command.name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if param.name in skip or not isinstance(param, click.Option) or value in (None, False, ()):
+            continue
+        flag = max(param.opts, key=len)  # the long form
+        if param.is_flag:
+            args.append(flag)
+        else:
+            for item in value if param.multiple else (value,):
+                args += [flag, str(item)]
+    return args
 
 
 def recipe_or_config(recipe: str | None, config_file: Path | None) -> Path | None:
@@ -109,6 +138,14 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--nonfinite", type=click.Choice(["stop", "skip"]),
                   help="On a NaN/inf loss: stop the run, or skip such steps (one host sync per step).  [default: stop]")
     @click.option("--num-workers", type=int, help="Loader processes for file-backed datasets.  [default: cores - 1, at most 4]")
+    @click.option("--nproc-per-node", type=int, metavar="N",
+                  help="Train in N processes on this machine, started by torchrun: one per GPU, or CPU processes with gloo. "
+                       "--batch-size stays the global batch.")
+    @click.option("--nnodes", type=int, metavar="M", help="With --nproc-per-node: machines taking part.  [default: 1]")
+    @click.option("--node-rank", type=int, metavar="R", help="With --nnodes: this machine's index, 0 to M-1 (or leave it to torchrun).")
+    @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="With --nnodes: where the machines meet (an address of node 0).")
+    @click.option("--backend", type=click.Choice(["gloo", "nccl"]),
+                  help="torch.distributed backend of a multi-process run.  [default: nccl on CUDA, else gloo]")
     @click.option("--name", help="Run folder name under --runs-root.  [default: MODEL-DATASET-TIME]")
     @click.option("--runs-root", help="Folder that holds run folders.  [default: runs]")
     @click.option("--run-dir", help="Exact run folder (instead of --runs-root/--name).")
@@ -129,9 +166,21 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
           trainer run --plugins tensorboard,checkpoint --epochs 20
           trainer run --config recipes/cifar10-convnet.toml -o checkpoint.monitor=val/acc
         """
+        from trainer_core import distributed
         from trainer_core.checkpointing import find_checkpoint, load_checkpoint
         from trainer_core.config import resolve_config
         from trainer_core.runner import build_run
+
+        launcher = {key: settings.pop(key) for key in LAUNCHER_OPTIONS}
+        backend = settings.pop("backend")
+        if launcher["nproc_per_node"] is not None:
+            ctx = click.get_current_context()
+            distributed.launch(distributed.torchrun_args(
+                launcher["nproc_per_node"], worker_args(ctx, LAUNCHER_OPTIONS), nnodes=launcher["nnodes"] or 1,
+                node_rank=launcher["node_rank"], rdzv_endpoint=launcher["rdzv_endpoint"],
+            ))
+            return
+        distributed.check_worker_options(launcher, backend)
 
         config_file = recipe_or_config(settings.pop("recipe"), config_file)
         resume, run_path = None, None
@@ -155,11 +204,16 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         )
         if run_path is not None and (settings.get("run_dir") or settings.get("name")):
             run_path = None  # the user chose where the resumed run goes
+        if distributed.launched_by_torchrun():
+            from trainer_core.runtime import select_device
+
+            if distributed.init_from_env(distributed.device_for_rank(select_device(config.device)), backend):
+                click.get_current_context().call_on_close(distributed.shutdown)
         trainer = build_run(config, pm=pm_factory(), resume=resume, run_path=run_path, overwrite=overwrite)
         state = trainer.fit()
-        if not quiet:
+        if not quiet and trainer.is_main:
             click.echo(f"run folder: {trainer.run_path}")
-        if state.stop_reason:
+        if state.stop_reason and trainer.is_main:
             click.echo(f"stopped early: {state.stop_reason}")
         if trainer.signals.exit_code is not None:
             sys.exit(trainer.signals.exit_code)

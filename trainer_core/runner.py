@@ -16,12 +16,13 @@ from torch import nn
 
 from trainer_core.config import RunConfig
 from trainer_core.data import DataBundle
+from trainer_core.distributed import broadcast_object, init_for_library, rank
 from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, Registry
 from trainer_core.errors import UsageError
 from trainer_core.options import bind_options
 from trainer_core.pluginmanager import instantiate, make_plugin_manager, register
 from trainer_core.rundir import RunDir, default_run_path
-from trainer_core.runtime import seed_everything
+from trainer_core.runtime import seed_everything, select_device
 from trainer_core.trainer import Trainer
 
 
@@ -86,14 +87,20 @@ def build_run(
     :param write_files: ``False`` builds a run that writes no folder.
     """
     pm = pm or make_plugin_manager()
+    init_for_library(select_device(config.device))  # joins torchrun's process group, if launched by it
     load_plugins(pm, config.plugins)
     data = load_dataset(config.dataset, config.dataset_options, config.data_root)
     seed_everything(config.seed)
     model = build_model(config.model, config.model_options, data)
     run_dir = None
     if write_files:
-        run_dir = RunDir.create(run_path or run_path_for(config), resume=resume is not None, overwrite=overwrite)
-        run_dir.write_config(config.to_toml())
+        # The default name holds the time: every rank takes rank zero's choice, and only rank zero writes.
+        path = broadcast_object(run_path or run_path_for(config))
+        if rank() == 0:
+            run_dir = RunDir.create(path, resume=resume is not None, overwrite=overwrite)
+            run_dir.write_config(config.to_toml())
+        else:
+            run_dir = RunDir(path)
     try:
         return Trainer(model, data, config, pm=pm, run_dir=run_dir, resume=resume)
     except BaseException:
