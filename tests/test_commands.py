@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -181,7 +182,7 @@ def test_export_loads_with_plain_torch_and_gives_the_same_outputs(trained: dict,
     output = tmp_path / f"model{suffix}"
     code, text = invoke("export", "--checkpoint", trained["checkpoint"], "--format", fmt, "--output", output)
     assert code == 0, text
-    assert text.startswith(f"wrote {output} ({fmt}")
+    assert text.startswith(f"wrote {output} ({fmt}) from {trained['checkpoint']}")
     from plugins.datasets.digits import load
 
     inputs = load().val.inputs[:7]  # in [0, 1]: the exported model normalises itself
@@ -283,3 +284,59 @@ def test_the_cli_stays_light_to_import() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the onnx package is not installed")
+def test_export_onnx_when_the_onnx_package_is_installed(trained: dict, tmp_path: Path) -> None:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    output = tmp_path / "model.onnx"
+    code, text = invoke("export", "--checkpoint", trained["checkpoint"], "--format", "onnx", "--output", output)
+    assert code == 0, text
+    document = onnx.load(str(output))
+    assert json.loads({p.key: p.value for p in document.metadata_props}["trainer.json"])["classes"] == list("0123456789")
+    from plugins.datasets.digits import load
+
+    inputs = load().val.inputs[:5]
+    got = ReferenceEvaluator(document).run(None, {"images": inputs.numpy()})[0]
+    trainer = trained["trainer"]
+    with torch.no_grad():
+        expected = trainer.model.eval()((inputs - trainer.data.mean[0]) / trainer.data.std[0])
+    assert torch.allclose(torch.from_numpy(got), expected, atol=1e-4)
+
+
+def test_shell_completion_is_offered_by_click() -> None:
+    env = {**os.environ, "_TRAINER_COMPLETE": "bash_source"}
+    script = subprocess.run([sys.executable, "-m", "trainer_core"], capture_output=True, text=True, timeout=60, env=env)
+    assert script.returncode == 0 and "_trainer_completion()" in script.stdout
+    env.update({"_TRAINER_COMPLETE": "bash_complete", "COMP_WORDS": "trainer ex", "COMP_CWORD": "1"})
+    words = subprocess.run([sys.executable, "-m", "trainer_core"], capture_output=True, text=True, timeout=60, env=env)
+    assert words.stdout.split() == ["plain,export"]
+
+
+def test_export_refuses_a_file_that_does_not_reproduce_the_model(trained: dict, tmp_path: Path) -> None:
+    from torch import nn
+
+    from trainer_core.commands import Trained, export_model
+    from trainer_core.errors import UsageError
+
+    class BatchDependent(nn.Module):
+        """Python control flow on the batch size: tracing bakes in the example's branch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.linear(x.flatten(1))
+            return out if x.shape[0] <= 2 else -out
+
+    base = trained["trainer"]
+    model = BatchDependent()
+    candidate = Trained(trained["checkpoint"], {}, base.config, base.data, model)
+    output = tmp_path / "model.ts"
+    output.write_bytes(b"previous export")
+    with pytest.raises(UsageError, match="differ from the model's.*nothing was written"):
+        export_model(candidate, "torchscript", output)
+    assert output.read_bytes() == b"previous export"
