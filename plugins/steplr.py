@@ -22,7 +22,8 @@ class StepLR:
     def __init__(self, step_size: int = 7, gamma: float = 0.1, interval: Literal["epoch", "step"] = "epoch") -> None:
         """:param step_size: epochs (or steps, see ``interval``) between two decays.
         :param gamma: factor the learning rate is multiplied by at each decay.
-        :param interval: count ``epoch``s (the seed's schedule) or optimizer ``step``s."""
+        :param interval: count ``epoch``s (the seed's schedule) or optimizer ``step``s
+            (with gradient accumulation, one per accumulated group of batches)."""
         if step_size < 1:
             raise ValueError(f"steplr.step_size must be >= 1 (got {step_size})")
         if not gamma > 0:  # also refuses NaN
@@ -40,8 +41,12 @@ class StepLR:
         self.scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=self.step_size, gamma=self.gamma)
 
     @hookimpl
-    def on_batch_end(self) -> None:
-        if self.interval == "step" and self.scheduler is not None:
+    def on_batch_end(self, trainer: Trainer) -> None:
+        if self.interval != "step" or self.scheduler is None:
+            return
+        # With gradient accumulation an optimizer step ends every k batches and at the epoch's end.
+        done = trainer.state.batch_idx
+        if done % trainer.config.accumulate_grad_batches == 0 or done == len(trainer.train_batches):
             self.scheduler.step()
 
     @hookimpl

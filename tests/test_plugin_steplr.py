@@ -32,7 +32,7 @@ def test_decays_every_step_size_epochs() -> None:
     trainer = started(plugin)
     seen = []
     for _ in range(5):
-        plugin.on_batch_end()  # per-epoch mode: steps do not count
+        plugin.on_batch_end(trainer=trainer)  # per-epoch mode: steps do not count
         plugin.on_epoch_end()
         seen.append(trainer.optimizer.param_groups[0]["lr"])
     assert seen == [1.0, 0.5, 0.5, 0.25, 0.25]
@@ -41,8 +41,9 @@ def test_decays_every_step_size_epochs() -> None:
 def test_interval_step_counts_optimizer_steps() -> None:
     plugin = StepLR(step_size=3, gamma=0.1, interval="step")
     trainer = started(plugin)
-    for _ in range(6):
-        plugin.on_batch_end()
+    for batch in range(6):
+        trainer.state.batch_idx = batch % 3 + 1
+        plugin.on_batch_end(trainer=trainer)
     plugin.on_epoch_end()  # per-step mode: epochs do not count
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
@@ -115,3 +116,12 @@ def test_real_run_per_step(tmp_path) -> None:
     lrs = [kwargs["metrics"]["lr"] for kwargs in recorder.kwargs("on_train_log")]
     # The lr is read after each step's scheduler.step(): it halves after steps 2, 4 and 6.
     assert lrs == pytest.approx([0.05, 0.025, 0.025, 0.0125, 0.0125, 0.00625])
+
+
+def test_per_step_counts_optimizer_steps_with_gradient_accumulation() -> None:
+    recorder = HookRecorder()
+    run_tiny({"steplr": StepLR(step_size=1, gamma=0.5, interval="step"), "rec": recorder}, epochs=2, log_every_n_steps=1,
+             accumulate_grad_batches=2)
+    lrs = [kwargs["metrics"]["lr"] for kwargs in recorder.kwargs("on_train_log")]
+    # 3 batches per epoch, 2 per optimizer step: steps after batches 2 and 3 (the epoch's end) of each epoch.
+    assert lrs == pytest.approx([0.05, 0.025, 0.0125, 0.0125, 0.00625, 0.003125])
