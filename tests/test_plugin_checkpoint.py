@@ -56,6 +56,25 @@ def test_bad_options_are_rejected(options: dict, message: str) -> None:
         Checkpoint(**options)
 
 
+def test_hooks_in_isolation_rank_and_evict(tmp_path: Path) -> None:
+    """on_eval / on_epoch_end called directly on a real, unstarted trainer: the decisions alone."""
+    trainer = run_tiny(fit=False, run_dir=tmp_path / "run")
+    plugin = Checkpoint(monitor="val/loss", save_top_k=2)
+    plugin.on_fit_start(trainer=trainer)
+    folder = tmp_path / "run" / "checkpoints"
+    for epoch, loss in enumerate([0.9, 0.7, 0.8, 0.6], 1):
+        trainer.state.epoch, trainer.state.step = epoch, 3 * epoch
+        plugin.on_eval(metrics={"epoch": epoch, "step": 3 * epoch, "val/loss": loss, "val/acc": 0.5})
+        plugin.on_epoch_end(trainer=trainer, epoch=epoch)
+    assert [(k["epoch"], k["score"]) for k in plugin.kept] == [(4, 0.6), (2, 0.7)]
+    assert files(folder) == ["best-epoch002-val_loss0.7000.pt", "best-epoch004-val_loss0.6000.pt", "last.pt"]
+    assert load_checkpoint(folder / "last.pt")["state"]["step"] == 12
+    trainer.state.step = 14  # trained on after the last save, then stopped: the end saves it
+    plugin.on_fit_end(trainer=trainer)
+    assert load_checkpoint(folder / "last.pt")["state"]["step"] == 14
+    trainer.run_dir.close()
+
+
 def test_keeps_the_best_k_and_last(tmp_path: Path) -> None:
     trainer, plugin, folder = scripted_run(tmp_path, [0.5, 0.9, 0.7, 0.95, 0.1], save_top_k=2, restore_best=False)
     assert files(folder) == ["best-epoch002-val_score0.9000.pt", "best-epoch004-val_score0.9500.pt", "last.pt"]
