@@ -340,3 +340,29 @@ def test_export_refuses_a_file_that_does_not_reproduce_the_model(trained: dict, 
     with pytest.raises(UsageError, match="differ from the model's.*nothing was written"):
         export_model(candidate, "torchscript", output)
     assert output.read_bytes() == b"previous export"
+
+
+def test_predict_prepares_files_with_the_datasets_own_validation_transforms(tmp_path: Path) -> None:
+    """An image-folder run: predict on a validation file must give exactly what evaluation saw."""
+    for split, count in (("train", 6), ("val", 3)):
+        for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                shade = tuple(max(0, c - 25 * index) for c in colour)
+                Image.new("RGB", (12 + index, 10), shade).save(folder / f"{index}.png")
+    config = RunConfig(dataset="imagefolder", data_root=str(tmp_path / "data"), epochs=2, batch_size=4, plugins={},
+                       device="cpu", run_dir=str(tmp_path / "run"), model_options={"width": 4},
+                       dataset_options={"image_size": 8, "augment": False})
+    trainer = build_run(config)
+    trainer.fit()
+    trainer.save_checkpoint(tmp_path / "run" / "last.pt")
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = torch.cat([torch.softmax(trainer.model(x), dim=1) for x, _ in trainer.val_batches.iterate()])
+    files = [Path(path) for path, _ in trainer.data.val.samples]
+    code, output = invoke("predict", "--checkpoint", tmp_path / "run" / "last.pt", *files, "--json", "-k", "2")
+    assert code == 0, output
+    for result, probabilities in zip(json.loads(output), expected):
+        got = {p["class"]: p["probability"] for p in result["predictions"]}
+        assert got == pytest.approx({name: float(p) for name, p in zip(trainer.data.classes, probabilities)}, abs=1e-6)

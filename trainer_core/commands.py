@@ -217,12 +217,11 @@ def export_model(trained: Trained, fmt: str, output: Path, tolerance: float = 1e
     module = with_normalisation(trained.model.cpu(), data.mean, data.std)
     example = torch.rand(2, *data.input_shape)
     check = torch.rand(3, *data.input_shape)  # another batch size: the file must not be fixed to the example's
-    normalised = data.mean is not None or data.std is not None
     metadata = json.dumps({
         "classes": [str(c) for c in data.classes],
         "input_shape": list(data.input_shape),
-        "input": ("float images N x C x H x W scaled to [0, 1]; the dataset's normalisation is inside the model"
-                  if normalised else "float tensors N x C x H x W as the dataset's own transforms produce them"),
+        "input": "float N x C x H x W, as the trainer feeds batches before normalisation (image pixels scaled "
+                 "to [0, 1]); the dataset's mean/std normalisation, if it has one, is inside the model",
         "output": "logits N x classes (softmax gives probabilities)",
         "model": trained.config.model,
         "dataset": trained.config.dataset,
