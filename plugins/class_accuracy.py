@@ -94,6 +94,11 @@ class ClassAccuracy:
     def on_eval_batch(self, targets: torch.Tensor, outputs: torch.Tensor) -> None:
         assert self._counts is not None, "on_eval_batch before on_eval_start"
         classes = len(self._classes)
+        if outputs.shape[1] != classes:  # a shape, not a value: no sync; a wrong one would alias cells
+            raise UsageError(
+                f"class-accuracy: the model gives {outputs.shape[1]} scores per sample but the dataset "
+                f"has {classes} classes; build the model for this dataset"
+            )
         cells = targets.long() * classes + outputs.argmax(dim=1)
         # scatter_add_ rather than torch.bincount: on CUDA bincount reads the
         # maximum back to the host, a sync per batch.

@@ -222,7 +222,12 @@ class TensorBoard:
         # the TRUE label is that class: TensorBoard's own binning, on the device.
         import torch
 
-        classes = outputs.shape[1]
+        classes = len(self._keys)
+        if outputs.shape[1] != classes:
+            raise UsageError(
+                f"tensorboard: the model gives {outputs.shape[1]} scores per sample but the dataset "
+                f"has {classes} classes, so there is no PR curve per class; build the model for this dataset"
+            )
         probs = outputs.float().softmax(dim=1)
         buckets = (probs * (PR_THRESHOLDS - 1)).floor().long().clamp_(0, PR_THRESHOLDS - 1)
         negative = torch.ones_like(buckets).scatter_(1, targets.long().view(-1, 1), 0)

@@ -15,7 +15,7 @@ from plugins.class_accuracy import ClassAccuracy, class_keys
 from trainer_core import UsageError
 from trainer_core.checkpointing import load_checkpoint
 from trainer_core.cli import make_cli
-from trainer_core.testing import run_tiny, tiny_data
+from trainer_core.testing import run_tiny, tiny_data, tiny_model
 from trainer_core.trainer import Trainer
 
 
@@ -200,3 +200,9 @@ def test_bad_options_are_one_line_usage_errors(tmp_path: Path, option: str, mess
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
+
+
+def test_model_with_the_wrong_number_of_outputs_is_a_usage_error() -> None:
+    # Five scores for three classes would silently count predictions 3 and 4 in the wrong cells.
+    with pytest.raises(UsageError, match="class-accuracy: the model gives 5 scores per sample but the dataset has 3 classes"):
+        run_tiny({"class-accuracy": ClassAccuracy()}, model=tiny_model(num_classes=5), epochs=1)

@@ -175,6 +175,18 @@ def test_pr_curves_use_true_labels_not_predictions(tmp_path: Path) -> None:
         assert not np.allclose(logged, seed_bug)
 
 
+def test_importing_the_plugins_does_not_import_torch() -> None:
+    # `trainer plugins` and `trainer --help` import plugin modules: they must stay fast.
+    code = "import sys, plugins.tensorboard, plugins.class_accuracy; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorboard')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_model_with_the_wrong_number_of_outputs_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="tensorboard: the model gives 5 scores per sample but the dataset has 3 classes"):
+        run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, model=tiny_model(num_classes=5), run_dir=tmp_path / "run", epochs=1)
+    assert read_events(tmp_path / "run" / "tensorboard").Scalars("train/loss")  # the writer was closed and flushed
+
+
 def test_histograms_at_each_epoch_end_by_default(finished: Finished) -> None:
     model = finished.trainer.model
     params = dict(model.named_parameters())
