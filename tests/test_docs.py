@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,3 +59,37 @@ def test_check_fails_on_a_stale_reference_and_regenerating_fixes_it(tmp_path: Pa
     assert docgen.main(["--root", str(tmp_path)]) == 0
     assert (tmp_path / "docs" / "hooks.md").read_text(encoding="utf-8") == docgen.render_hooks()
     assert docgen.main(["--root", str(tmp_path), "--check"]) == 0
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+@pytest.mark.slow
+def test_the_guides_plugin_package_installs_lists_and_passes_its_tests(tmp_path: Path) -> None:
+    """Follow docs/plugins.md literally: its files, pip install, `trainer plugins`, its tests."""
+    guide = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    python = code_blocks(guide, "python")
+    package = tmp_path / "trainer-loss-alarm"
+    module = package / "src" / "trainer_loss_alarm" / "__init__.py"
+    module.parent.mkdir(parents=True)
+    module.write_text(next(b for b in python if b.startswith("# src/trainer_loss_alarm/__init__.py")))
+    (package / "pyproject.toml").write_text(next(b for b in code_blocks(guide, "toml") if b.startswith("# pyproject.toml")))
+    (package / "tests").mkdir()
+    (package / "tests" / "conftest.py").write_text(next(b for b in python if b.startswith("pytest_plugins")))
+    (package / "tests" / "test_loss_alarm.py").write_text(next(b for b in python if "def test_hook_in_isolation" in b))
+
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(package)]
+    installed = subprocess.run(pip, capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    console = next(b for b in code_blocks(guide, "console") if "$ trainer plugins" in b)
+    expected = console.split("$ trainer plugins\n")[1].split("$ ")[0]
+    listed = subprocess.run([sys.executable, "-m", "trainer_core", "plugins"], capture_output=True, text=True, env=env, timeout=120)
+    assert listed.returncode == 0 and expected in listed.stdout, listed.stdout
+
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=package,
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert tests.returncode == 0 and "3 passed" in tests.stdout, tests.stdout[-3000:]
