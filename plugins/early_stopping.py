@@ -67,6 +67,17 @@ class EarlyStopping:
         return value > self.best + self.min_delta
 
     @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        checkpoint = trainer.pm.get_plugin("checkpoint")
+        if self.restore_best_weights and getattr(checkpoint, "restore_best", False):
+            # Both would load "best" weights at the end, maybe of different epochs, and the
+            # last one called would win: an order-dependent result, so refuse it.
+            raise UsageError(
+                "early-stopping.restore_best_weights and checkpoint.restore_best both restore weights when the run "
+                "ends; keep one: -o checkpoint.restore_best=false, or leave early-stopping.restore_best_weights off"
+            )
+
+    @hookimpl
     def on_eval(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
         if self.monitor not in metrics:
             available = ", ".join(k for k in metrics if k not in ("epoch", "step"))

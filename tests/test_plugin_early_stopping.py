@@ -150,3 +150,15 @@ def test_state_for_another_metric_is_ignored_on_resume() -> None:
     plugin = EarlyStopping(monitor="val/loss", patience=3)
     plugin.load_plugin_state(state=first.checkpoint_state()["plugins"]["early-stopping"])
     assert plugin.best is None and plugin.wait == 0
+
+
+def test_restoring_twice_with_the_checkpoint_plugin_is_refused(tmp_path: Path) -> None:
+    from plugins.checkpoint import Checkpoint
+
+    plugins = {"checkpoint": Checkpoint(), "early-stopping": EarlyStopping(restore_best_weights=True)}
+    with pytest.raises(UsageError, match="keep one: -o checkpoint.restore_best=false"):
+        run_tiny(plugins, run_dir=tmp_path / "run")
+    # One restorer is fine, whichever it is.
+    trainer = run_tiny({"checkpoint": Checkpoint(restore_best=False), "early-stopping": EarlyStopping(restore_best_weights=True)},
+                       run_dir=tmp_path / "run2")
+    assert trainer.state.epoch == 2
