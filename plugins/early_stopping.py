@@ -125,10 +125,15 @@ class EarlyStopping:
         return state
 
     @hookimpl
-    def load_plugin_state(self, state: dict[str, Any]) -> None:
+    def load_plugin_state(self, trainer: Trainer, state: dict[str, Any]) -> None:
         if (state["monitor"], state["mode"]) != (self.monitor, self.mode):
             # A different metric or direction makes the saved best meaningless: start afresh.
             return
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
         if self.restore_best_weights:
             self.best_weights = state.get("best_weights")
+        if self.wait >= self.patience:  # the checkpoint was saved by a run this plugin had stopped
+            trainer.request_stop(
+                f"early-stopping: the run had already stopped ({self.monitor} did not improve for {self.wait} "
+                f"evaluation(s)); raise -o early-stopping.patience to train on"
+            )

@@ -148,7 +148,7 @@ def test_patience_survives_a_resume(tmp_path: Path) -> None:
 def test_state_for_another_metric_is_ignored_on_resume() -> None:
     first = run_tiny({"early-stopping": EarlyStopping(patience=3, **NEVER_IMPROVES)}, epochs=2)
     plugin = EarlyStopping(monitor="val/loss", patience=3)
-    plugin.load_plugin_state(state=first.checkpoint_state()["plugins"]["early-stopping"])
+    plugin.load_plugin_state(trainer=first, state=first.checkpoint_state()["plugins"]["early-stopping"])
     assert plugin.best is None and plugin.wait == 0
 
 
@@ -162,3 +162,13 @@ def test_restoring_twice_with_the_checkpoint_plugin_is_refused(tmp_path: Path) -
     trainer = run_tiny({"checkpoint": Checkpoint(restore_best=False), "early-stopping": EarlyStopping(restore_best_weights=True)},
                        run_dir=tmp_path / "run2")
     assert trainer.state.epoch == 2
+
+
+def test_resuming_a_stopped_run_stops_at_once_unless_patience_grows() -> None:
+    stopped = run_tiny({"early-stopping": EarlyStopping(patience=2, **NEVER_IMPROVES)}, epochs=10)
+    assert stopped.state.epoch == 3
+    payload = stopped.checkpoint_state()
+    again = resumed(payload, EarlyStopping(patience=2, **NEVER_IMPROVES), epochs=10)
+    assert again.state.epoch == 3 and "already stopped" in again.state.stop_reason
+    longer = resumed(payload, EarlyStopping(patience=4, **NEVER_IMPROVES), epochs=10)
+    assert longer.state.epoch == 5  # two more evaluations without improvement
