@@ -422,6 +422,17 @@ def test_real_tensorboard_server_serves_the_run(finished: Finished) -> None:
         points = get("/data/plugin/scalars/scalars?run=.&tag=val/acc")
         records = metrics_records(finished.run)
         assert [(step, value) for _, step, value in points] == [(r["step"], pytest.approx(r["val/acc"], rel=1e-6)) for r in records]
+        # Every kind of record has data the server's dashboards recognise.
+        listing = get("/data/plugins_listing")
+        for dashboard in ("scalars", "images", "graphs", "histograms", "distributions", "pr_curves", "hparams"):
+            assert listing[dashboard]["enabled"], dashboard
+        assert {"pr/class0", "pr/class1", "pr/class2"} <= set(get("/data/plugin/pr_curves/tags")["."])
+        request = urllib.request.Request(base + "/data/plugin/hparams/experiment", data=b'{"experimentName": ""}',
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            experiment = json.load(response)
+        assert {"lr", "epochs", "batch_size"} <= {info["name"] for info in experiment["hparamInfos"]}
+        assert {"val/acc", "val/loss"} <= {info["name"]["tag"] for info in experiment["metricInfos"]}
     finally:
         server.terminate()
         try:
