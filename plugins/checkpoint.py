@@ -117,7 +117,7 @@ class Checkpoint:
             return
         self._save(trainer, best=score if self._ranks_among_best(score) else None)
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # save the training state before any plugin swaps in other weights at the end
     def on_fit_end(self, trainer: Trainer) -> None:
         if trainer.state.step != self._saved_step and trainer.state.step > 0:
             self._save(trainer, best=None)  # stopped mid-epoch (a signal, a plugin): keep the progress

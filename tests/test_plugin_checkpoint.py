@@ -211,6 +211,32 @@ def test_stopped_mid_epoch_saves_its_progress(tmp_path: Path) -> None:
     assert trainer.state.stop_reason == "enough"
 
 
+def test_the_end_save_comes_before_other_plugins_change_the_weights(tmp_path: Path) -> None:
+    class Scramble:  # registered after checkpoint, so pluggy would call it first without tryfirst
+        @hookimpl
+        def on_fit_end(self, trainer: Any) -> None:
+            with torch.no_grad():
+                trainer.model[1].weight.zero_()
+
+    class Stop:
+        @hookimpl
+        def on_batch_end(self, trainer: Any) -> None:
+            if trainer.state.step == 4:
+                trainer.request_stop("enough")
+
+    seen = {}
+
+    class Capture:
+        @hookimpl(trylast=True)
+        def on_batch_end(self, trainer: Any) -> None:
+            seen["weights"] = trainer.model[1].weight.detach().clone()
+
+    plugins = {"checkpoint": Checkpoint(restore_best=False), "stop": Stop(), "capture": Capture(), "scramble": Scramble()}
+    run_tiny(plugins, epochs=2, run_dir=tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["state"]["step"] == 4 and torch.equal(last["model"]["1.weight"], seen["weights"])
+
+
 @pytest.mark.parametrize("checkpoint_first", [True, False])
 def test_state_is_in_every_checkpoint_with_the_other_plugins(tmp_path: Path, checkpoint_first: bool) -> None:
     from plugins.steplr import StepLR
