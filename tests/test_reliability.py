@@ -17,7 +17,7 @@ import torch
 
 from plugins.checkpoint import Checkpoint
 from plugins.steplr import StepLR
-from trainer_core import RunConfig, Trainer, hookimpl, load_checkpoint
+from trainer_core import RunConfig, Trainer, UsageError, hookimpl, load_checkpoint
 from trainer_core.checkpointing import find_checkpoint
 from trainer_core.rundir import RunDir
 from trainer_core.runtime import seed_everything
@@ -63,3 +63,308 @@ def test_a_signal_during_evaluation_is_honoured_and_the_epoch_is_evaluated_on_re
     # The resumed run evaluates epoch 2 and runs its epoch-end hooks (steplr's step) before epoch 3.
     assert same_weights(reference.model.state_dict(), resumed.model.state_dict())
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
+
+
+# -- real `trainer run` processes ---------------------------------------------------------
+
+PACE = """
+    import io
+    import json
+    import os
+    import time
+
+    from trainer_core import hookimpl
+
+    def pause(trainer, what, until_stop=True):
+        '''Announce ``what`` and wait (up to a minute) for a kill, or a signal's stop request.'''
+        print(what, flush=True)
+        deadline = time.monotonic() + 60
+        while not (until_stop and trainer.state.should_stop) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    class Pace:
+        '''Reports progress on stdout and, as the environment asks, pauses
+        where the test sends a signal or a SIGKILL.'''
+
+        @hookimpl
+        def on_fit_start(self, trainer):
+            hang_at = int(os.environ.get("PACE_HANG_SAVE_AT", -1))
+            if hang_at < 0:
+                return
+            import trainer_core.checkpointing as checkpointing
+            real = checkpointing.atomic_write_with
+
+            def half_then_hang(path, write):
+                if trainer.state.step != hang_at:
+                    return real(path, write)
+
+                def half(handle):
+                    # The real temporary file gets half the checkpoint, then the process hangs mid-write.
+                    buffer = io.BytesIO()
+                    write(buffer)
+                    handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                    handle.flush()
+                    pause(trainer, f"saving {path.name} at step {hang_at}", until_stop=False)
+
+                return real(path, half)
+
+            checkpointing.atomic_write_with = half_then_hang
+
+        @hookimpl
+        def on_batch_start(self, trainer):
+            # Every hook of the steps before, the checkpoint plugin's saves included, has run.
+            step = trainer.state.step
+            if step == int(os.environ.get("PACE_PAUSE_AT", -1)):
+                pause(trainer, f"paused after step {step}")
+
+        @hookimpl
+        def on_train_log(self, trainer, metrics):
+            print("log " + json.dumps({"step": trainer.state.step, **metrics}), flush=True)
+
+        @hookimpl
+        def on_fit_end(self, trainer):
+            print(f"fit end: {trainer.state.stop_reason}", flush=True)
+"""
+
+EPOCHS, BATCHES, LOG_EVERY, EVERY_N_STEPS = 3, 12, 5, 4  # fake's 96 training samples in batches of 8
+RUN = ["--dataset", "fake", "--device", "cpu", "--epochs", str(EPOCHS), "--batch-size", "8", "--log-every", str(LOG_EVERY),
+       "-q", "--plugins", "checkpoint,steplr,pace", "-o", "steplr.step_size=1", "-o", "model.width=4",
+       "-o", f"checkpoint.every_n_steps={EVERY_N_STEPS}"]
+
+
+@pytest.fixture(scope="module")
+def pace_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a subprocess that can load the ``pace`` test plugin."""
+    from trainer_core.testing import write_fake_distribution
+
+    folder = write_fake_distribution(tmp_path_factory.mktemp("site"), "pace-dist", {"trainer.plugins": {"pace": "pace_plugin:Pace"}},
+                                     modules={"pace_plugin": PACE})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACE_")}
+    # One thread each: these small runs go no faster with more, and CI's cores are shared.
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(folder), env.get("PYTHONPATH", "")])}
+
+
+def start(cwd: Path, env: dict[str, str], *args: str, **pace: Any) -> subprocess.Popen[str]:
+    """``trainer run`` in a subprocess; ``pace`` sets the plugin's PACE_* variables."""
+    extra = {f"PACE_{k.upper()}": str(v) for k, v in pace.items()}
+    return subprocess.Popen([sys.executable, "-m", "trainer_core", "run", *args], cwd=cwd, env={**env, **extra},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen[str], line: str) -> list[str]:
+    """Read stdout up to ``line``; return what came before it."""
+    assert proc.stdout is not None
+    seen = []
+    while (got := proc.stdout.readline()) != "":
+        if got.strip() == line:
+            return seen
+        seen.append(got.strip())
+    proc.wait()
+    raise AssertionError(f"the run ended (exit {proc.returncode}) before printing {line!r}: {proc.stderr.read()}")  # type: ignore[union-attr]
+
+
+def finish(proc: subprocess.Popen[str], code: int = 0) -> str:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == code, err
+    return out
+
+
+def train_logs(stdout: str) -> list[dict[str, float]]:
+    return [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("log ")]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, pace_env: dict[str, str]) -> dict[str, Any]:
+    """The uninterrupted run: final checkpoint, metrics.jsonl and training logs."""
+    cwd = tmp_path_factory.mktemp("straight")
+    out = finish(start(cwd, pace_env, *RUN, "--run-dir", "run"))
+    return {"last": load_checkpoint(cwd / "run" / "checkpoints" / "last.pt"), "logs": train_logs(out),
+            "metrics": (cwd / "run" / "metrics.jsonl").read_text(), "best": sorted(p.name for p in (cwd / "run" / "checkpoints").iterdir())}
+
+
+def assert_resumed_exactly(straight: dict[str, Any], run: Path, resumed_from: int, logs: list[dict[str, float]], why: str) -> None:
+    """The resumed run ended where the straight one did, bit for bit, and logged what it logged from ``resumed_from`` on."""
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (last["state"]["epoch"], last["state"]["step"]) == (EPOCHS, EPOCHS * BATCHES), why
+    assert same_weights(last["model"], straight["last"]["model"]), why
+    for key, state in straight["last"]["optimizer"]["state"].items():
+        assert all(torch.equal(v, last["optimizer"]["state"][key][f]) for f, v in state.items()), why
+    assert last["plugins"]["steplr"] == straight["last"]["plugins"]["steplr"], why
+    assert (run / "metrics.jsonl").read_text() == straight["metrics"], why
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")) == straight["best"], why
+    # Saved mid-epoch at a logging step, before its log: the resumed run emits that log again.
+    batch = resumed_from % BATCHES
+    replayed = resumed_from if batch and batch % LOG_EVERY == 0 else None
+    assert logs == [entry for entry in straight["logs"] if entry["step"] > resumed_from or entry["step"] == replayed], why
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every_n_steps", [EVERY_N_STEPS, 0], ids=["mid-epoch", "epoch-boundary"])
+def test_sigkill_then_resume_auto_is_bit_identical(tmp_path: Path, pace_env: dict[str, str], straight: dict[str, Any],
+                                                   every_n_steps: int) -> None:
+    import random
+
+    # A random step of epochs 2-3, past at least one checkpoint; the seed keeps failures reproducible.
+    kill_after = random.Random(every_n_steps).randrange(BATCHES + 1, EPOCHS * BATCHES - 1)
+    # The newest save by then: every N steps within an epoch, and each epoch's end (after its evaluation).
+    saved = max(s for s in range(kill_after + 1) if s % BATCHES == 0 or (every_n_steps and s % every_n_steps == 0))
+    why = f"killed after step {kill_after} (every_n_steps={every_n_steps}), expected a resume from step {saved}"
+    run = RUN + ["-o", f"checkpoint.every_n_steps={every_n_steps}", "--run-dir", "run"]
+    proc = start(tmp_path, pace_env, *run, pause_at=kill_after)
+    before = wait_for(proc, f"paused after step {kill_after}")
+    proc.kill()
+    proc.wait()
+    assert train_logs("\n".join(before)) == [e for e in straight["logs"] if e["step"] <= kill_after], why
+    assert load_checkpoint(find_checkpoint(tmp_path / "run"))["state"]["step"] == saved, why
+    resumed = finish(start(tmp_path, pace_env, "--run-dir", "run", "--resume", "auto", "-q"))
+    assert_resumed_exactly(straight, tmp_path / "run", saved, train_logs(resumed), why)
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_save_keeps_the_previous_checkpoint_for_resume_auto(
+    tmp_path: Path, pace_env: dict[str, str], straight: dict[str, Any]
+) -> None:
+    hang_at = BATCHES + 2 * EVERY_N_STEPS  # a mid-epoch save in epoch 2
+    proc = start(tmp_path, pace_env, *RUN, "--run-dir", "run", hang_save_at=hang_at)
+    wait_for(proc, f"saving last.pt at step {hang_at}")
+    proc.kill()
+    proc.wait()
+    folder = tmp_path / "run" / "checkpoints"
+    (partial,) = [p for p in folder.iterdir() if p.name.startswith(".last.pt.")]  # the save was killed half-way
+    with pytest.raises(UsageError, match="is damaged or not a checkpoint"):
+        load_checkpoint(partial)
+    assert find_checkpoint(tmp_path / "run") == folder / "last.pt"
+    assert load_checkpoint(folder / "last.pt")["state"]["step"] == hang_at - EVERY_N_STEPS
+    resumed = finish(start(tmp_path, pace_env, "--run-dir", "run", "--resume", "auto", "-q"))
+    assert_resumed_exactly(straight, tmp_path / "run", hang_at - EVERY_N_STEPS, train_logs(resumed), "killed mid-save")
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_runs_end_hooks_exits_143_and_resumes_exactly(
+    tmp_path: Path, pace_env: dict[str, str], straight: dict[str, Any]
+) -> None:
+    signalled_after = BATCHES + 5  # step 18 is no checkpoint step: only the signal's save holds it
+    proc = start(tmp_path, pace_env, *RUN, "--run-dir", "run", pause_at=signalled_after)
+    wait_for(proc, f"paused after step {signalled_after}")
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, 143)
+    assert "fit end: received SIGTERM" in out
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["state"]["step"] == signalled_after + 1  # the step under way when the signal came was finished
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["status"], summary["stop_reason"]) == ("stopped", "received SIGTERM")
+    resumed = finish(start(tmp_path, pace_env, "--run-dir", "run", "--resume", "auto", "-q"))
+    assert_resumed_exactly(straight, tmp_path / "run", signalled_after + 1, train_logs(resumed), "stopped by SIGTERM")
+
+
+@pytest.mark.slow
+def test_a_second_sigint_during_the_final_save_stops_at_once(tmp_path: Path, pace_env: dict[str, str]) -> None:
+    first_after = BATCHES + 2
+    proc = start(tmp_path, pace_env, *RUN, "--run-dir", "run", pause_at=first_after, hang_save_at=first_after + 1)
+    wait_for(proc, f"paused after step {first_after}")
+    proc.send_signal(signal.SIGINT)
+    wait_for(proc, f"saving last.pt at step {first_after + 1}")  # the first signal's save, hanging
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (130, "interrupted\n")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
+    folder = tmp_path / "run" / "checkpoints"
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # the cut save left no temporary file
+    assert load_checkpoint(folder / "last.pt")["state"]["step"] == BATCHES  # the previous save, intact
+
+
+# -- a full disk, an unwritable folder -------------------------------------------------------
+
+SMALL = ["run", "--dataset", "fake", "--device", "cpu", "--batch-size", "8", "-q", "--plugins", "checkpoint",
+         "-o", "model.width=4"]  # checkpoints of about 230 kB
+
+
+def cli(*args: str | Path) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from trainer_core.cli import make_cli
+
+    result = CliRunner().invoke(make_cli(), [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def one_line(output: str) -> str:
+    assert output.count("\n") == 1 and output.startswith("error: "), output
+    return output.strip()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 1 MiB filesystem (tmpfs) at ``tmp_path/disk``; needs root (mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the file-size-limit test covers a failing write")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Take the free space of ``disk`` down to about ``leave`` bytes."""
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    stat = os.statvfs(disk)
+    filler.write_bytes(bytes(max(stat.f_bavail * stat.f_frsize - leave, 0)))
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_last_good_checkpoint(small_disk: Path) -> None:
+    run = small_disk / "run"
+    assert cli(*SMALL, "--epochs", "1", "--run-dir", run)[0] == 0
+    good = load_checkpoint(run / "checkpoints" / "last.pt")
+    # Room for the metrics line and the summary, not for a checkpoint: the save fails half-way.
+    fill(small_disk, leave=64 * 1024)
+    code, output = cli("run", "--run-dir", run, "--resume", "auto", "--epochs", "2", "-q")
+    assert code == 1
+    assert one_line(output) == (f"error: cannot write checkpoint {run / 'checkpoints' / 'best-epoch002-val_acc1.0000.pt'}: "
+                                "No space left on device; the previous checkpoints are intact")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-epoch001-val_acc0.8958.pt", "last.pt"]
+    assert same_weights(load_checkpoint(run / "checkpoints" / "last.pt")["model"], good["model"])
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+    # No room at all: refused before training, and no lock is left behind to block the folder.
+    fill(small_disk, leave=0)
+    code, output = cli("run", "--run-dir", run, "--resume", "auto", "--epochs", "2", "-q")
+    assert (code, one_line(output)) == (2, f"error: cannot write to run folder {run}: No space left on device")
+    assert not (run / ".lock").exists()
+    # Space freed: the run continues from its last good checkpoint.
+    (small_disk / "filler").unlink()
+    assert cli("run", "--run-dir", run, "--resume", "auto", "--epochs", "2", "-q")[0] == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_read_only_run_folder_is_a_clear_error(small_disk: Path) -> None:
+    run = small_disk / "run"
+    assert cli(*SMALL, "--epochs", "1", "--run-dir", run)[0] == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    code, output = cli("run", "--run-dir", run, "--resume", "auto", "--epochs", "2", "-q")
+    assert (code, one_line(output)) == (2, f"error: cannot write to run folder {run}: Read-only file system")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def limit_file_size() -> None:
+    """In the child: writes past 100 kB fail with EFBIG (instead of a SIGXFSZ kill); any user may set this."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_mid_checkpoint_keeps_the_last_good_one(tmp_path: Path) -> None:
+    """Without root: a file-size limit makes the checkpoint write fail part-way, as a full disk does."""
+    assert cli(*SMALL, "--epochs", "1", "--run-dir", tmp_path / "run")[0] == 0
+    good = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    failed = subprocess.run([sys.executable, "-m", "trainer_core", "run", "--run-dir", "run", "--resume", "auto", "--epochs", "2",
+                             "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=180, preexec_fn=limit_file_size,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert failed.returncode == 1
+    assert one_line(failed.stderr).endswith(": File too large; the previous checkpoints are intact")
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best-epoch001-val_acc0.8958.pt", "last.pt"]  # no partial file
+    assert same_weights(load_checkpoint(folder / "last.pt")["model"], good["model"])

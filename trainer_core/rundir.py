@@ -9,11 +9,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import tomli_w
 
-from trainer_core.errors import UsageError
+from trainer_core.errors import TrainerError, UsageError
 from trainer_core.files import atomic_write_bytes
 
 CONFIG = "config.toml"
@@ -64,8 +64,12 @@ class RunDir:
                 raise UsageError(f"run folder {self.path} is in use by another run ({lock} exists); wait or choose another --name") from None
             except OSError as exc:
                 raise UsageError(f"cannot write to run folder {self.path}: {exc.strerror}") from None
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(str(os.getpid()))
+            except OSError as exc:  # a full disk: a lock without its pid would never be taken over
+                lock.unlink(missing_ok=True)
+                raise UsageError(f"cannot write to run folder {self.path}: {exc.strerror}") from None
             self._locked = True
             return
 
@@ -76,10 +80,11 @@ class RunDir:
             self._locked = False
 
     def write_config(self, config: Mapping[str, Any]) -> None:
-        atomic_write_bytes(self.path / CONFIG, tomli_w.dumps(dict(config)).encode())
+        with _writing(self.path / CONFIG):
+            atomic_write_bytes(self.path / CONFIG, tomli_w.dumps(dict(config)).encode())
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
-        with open(self.path / METRICS, "a", encoding="utf-8") as handle:
+        with _writing(self.path / METRICS), open(self.path / METRICS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(_jsonable(record)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
@@ -89,11 +94,31 @@ class RunDir:
         path = self.path / METRICS
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= keep_until_step]
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        steps = [(line, _step(line)) for line in path.read_text().splitlines()]
+        kept = [line for line, step in steps if step is not None and step <= keep_until_step]
+        with _writing(path):
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        atomic_write_bytes(self.path / SUMMARY, (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
+        with _writing(self.path / SUMMARY):
+            atomic_write_bytes(self.path / SUMMARY, (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed write (a full disk, a read-only folder) as one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise TrainerError(f"cannot write {path}: {exc.strerror or exc}; free some space or choose another --run-dir") from None
+
+
+def _step(line: str) -> int | None:
+    """A metrics record's step; ``None`` for a line cut short by a crash or a full disk."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
 
 
 def _lock_is_stale(lock: Path) -> bool:

@@ -180,15 +180,23 @@ class Trainer:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             error = f"{type(exc).__name__}: {exc}"
             self._notify_exception(exc)
-            fault = None if isinstance(exc, TrainerError) else locate_fault(self.pm, exc.__traceback__)
+            # A second Ctrl-C lands in whatever code runs, a plugin's too: that is no fault of the plugin.
+            blame = isinstance(exc, Exception) and not isinstance(exc, TrainerError)
+            fault = locate_fault(self.pm, exc.__traceback__) if blame else None
             if fault is not None:
                 raise PluginError(f"plugin '{fault[0]}' failed in {fault[1]}: {type(exc).__name__}: {exc}") from exc
             raise
         finally:
             if self.run_dir is not None:
-                if self.is_main:
-                    self.run_dir.write_summary(self.summary(status, time.perf_counter() - started, error))
-                self.run_dir.close()
+                try:
+                    if self.is_main:
+                        self.run_dir.write_summary(self.summary(status, time.perf_counter() - started, error))
+                except TrainerError as exc:  # a full disk: the run's own error, if any, says more
+                    if error is None:
+                        raise
+                    log.warning("%s", exc)
+                finally:
+                    self.run_dir.close()
 
     def _fit(self) -> None:
         self._emit("on_setup", trainer=self)
@@ -261,7 +269,9 @@ class Trainer:
                 self._log_interval()
             if state.should_stop:
                 break
-        if self._interval_samples():
+        # The epoch's last, partial interval.  A run stopped mid-epoch keeps it pending (its
+        # checkpoint carries it), so a resumed run logs the same intervals as one never stopped.
+        if self._interval_samples() and state.batch_idx == len(self.train_batches):
             self._log_interval()
         state.train_seconds += time.perf_counter() - started
 
