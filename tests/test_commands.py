@@ -315,6 +315,7 @@ def test_shell_completion_is_offered_by_click() -> None:
     assert words.stdout.split() == ["plain,export"]
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the very mistake this test makes on purpose
 def test_export_refuses_a_file_that_does_not_reproduce_the_model(trained: dict, tmp_path: Path) -> None:
     from torch import nn
 
