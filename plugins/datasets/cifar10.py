@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from plugins.datasets.downloads import torchvision_download
 from trainer_core.data import DataBundle, TensorSplit
 from trainer_core.errors import UsageError
 
@@ -117,14 +118,8 @@ def read_classes(path: Path) -> list[str]:
 
 
 def _download(root: Path) -> Path:
-    import torchvision.datasets
-
-    try:
-        torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)
-    except Exception as exc:  # network errors come in many types; the message is what matters
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cifar10: download into {root} failed ({reason}); download and extract "
-                         f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz there by hand") from None
+    torchvision_download("CIFAR10", root, "cifar10", "download and extract "
+                         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz there by hand")
     folder = find_folder(root)
     if folder is None:
         raise UsageError(f"cifar10: the download finished but {root / FOLDER} does not hold the six batch files")

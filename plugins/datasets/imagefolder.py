@@ -10,10 +10,13 @@ device.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from trainer_core.data import DataBundle
 from trainer_core.errors import UsageError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,7 +75,7 @@ def load(
                       mean=mean, std=std)
 
 
-def _folder(path: Path, transform: object):  # type: ignore[no-untyped-def]
+def _folder(path: Path, transform: Callable[[Any], Any]) -> ImageFolder:
     """A torchvision ``ImageFolder``; a missing or empty folder is a usage error naming it."""
     from torchvision.datasets import ImageFolder
 

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from plugins.datasets.downloads import torchvision_download
 from trainer_core.data import DataBundle, TensorSplit
 from trainer_core.errors import UsageError
 
@@ -210,14 +211,8 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
 
 def _download(variant: Variant, root: Path) -> dict[str, Path]:
     """Fetch the files with torchvision's downloader into ``root/<Class>/raw/``."""
-    import torchvision.datasets
-
-    try:
-        getattr(torchvision.datasets, variant.torchvision_class)(root=str(root), train=True, download=True)
-    except Exception as exc:  # network errors come in many types; the message is what matters
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{variant.name}: download into {root} failed ({reason}); {variant.how_to_get}, "
-                         f"or copy the four IDX files there by hand") from None
+    torchvision_download(variant.torchvision_class, root, variant.name,
+                         f"{variant.how_to_get}, or copy the four IDX files there by hand")
     found = find_files(variant, (root,))
     if found is None:
         raise UsageError(f"{variant.name}: the download finished but {missing_message(variant, (root,))}")
