@@ -143,3 +143,11 @@ def test_plugin_failure_names_plugin_and_hook(fake_entry_points, tmp_path):
 def test_help_does_not_import_torch():
     code = "import sys; from trainer_core.cli import make_cli; make_cli(); assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_listing_plugins_does_not_import_torch():
+    code = ("import sys; from click.testing import CliRunner; from trainer_core.cli import make_cli; "
+            "r = CliRunner().invoke(make_cli(), ['plugins']); assert r.exit_code == 0, r.output; "
+            "assert 'error' not in r.output, r.output; assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

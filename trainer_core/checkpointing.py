@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
 
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.files import atomic_write_with
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: the checkpoint plugin imports this
+# module, and `trainer plugins` must list plugins without loading torch.
 
 CHECKPOINT_FOLDER = "checkpoints"
 LAST = "last.pt"  # the newest state of a run, what ``--resume`` continues from
@@ -19,6 +23,8 @@ FORMAT = 1
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` to ``path`` through a temporary file; the previous
     file at ``path`` stays intact if anything fails."""
+    import torch
+
     sink = _Sink()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +67,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``: tensors and plain data only."""
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
+    import torch
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -267,9 +267,11 @@ def plugin_state_dict(trainer: Trainer) -> dict[str, Any] | None:
 
 @hookspec
 def load_plugin_state(trainer: Trainer, state: dict[str, Any]) -> None:
-    """Called when a run resumes from a checkpoint, after ``on_fit_start``,
-    with the state this plugin (by registered name) returned from
-    :func:`plugin_state_dict`.  Not called for a plugin that saved nothing.
+    """Called when a run resumes from a checkpoint, after ``on_fit_start`` and
+    before the optimizer's state is loaded (so a plugin that added parameter
+    groups, like freeze's unfreezing, rebuilds them first), with the state this
+    plugin (by registered name) returned from :func:`plugin_state_dict`.  Not
+    called for a plugin that saved nothing.
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param state: what this plugin saved.
