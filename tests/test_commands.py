@@ -367,3 +367,18 @@ def test_predict_prepares_files_with_the_datasets_own_validation_transforms(tmp_
     for result, probabilities in zip(json.loads(output), expected):
         got = {p["class"]: p["probability"] for p in result["predictions"]}
         assert got == pytest.approx({name: float(p) for name, p in zip(trainer.data.classes, probabilities)}, abs=1e-6)
+
+
+def test_eval_does_not_need_the_initial_weights_a_run_started_from(tmp_path: Path) -> None:
+    from plugins.models.mlp import build
+
+    torch.save(build((1, 8, 8), 3, hidden=8).state_dict(), tmp_path / "init.pt")
+    config = RunConfig(model="mlp", dataset="fake", epochs=1, plugins={}, device="cpu", run_dir=str(tmp_path / "run"),
+                       model_options={"hidden": 8, "weights": str(tmp_path / "init.pt")})
+    trainer = build_run(config)
+    trainer.fit()
+    trainer.save_checkpoint(tmp_path / "last.pt")
+    (tmp_path / "init.pt").unlink()  # moved or deleted since: the checkpoint has every weight
+    code, output = invoke("eval", "--checkpoint", tmp_path / "last.pt", "--json")
+    assert code == 0, output
+    assert json.loads(output)["accuracy"] == pytest.approx(trainer.state.metrics["val/acc"])

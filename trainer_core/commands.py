@@ -89,7 +89,10 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     if data_root is not None:
         config.data_root = data_root
     data = load_dataset(config.dataset, config.dataset_options, config.data_root)
-    model = build_model(config.model, config.model_options, data)
+    # Initial weights (``weights=imagenet`` or a file) are replaced by the checkpoint's below:
+    # not loading them spares the time and works where their file is absent.
+    options = {k: v for k, v in config.model_options.items() if k != "weights"}
+    model = build_model(config.model, options, data)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
