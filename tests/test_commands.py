@@ -368,6 +368,14 @@ def test_predict_prepares_files_with_the_datasets_own_validation_transforms(tmp_
         got = {p["class"]: p["probability"] for p in result["predictions"]}
         assert got == pytest.approx({name: float(p) for name, p in zip(trainer.data.classes, probabilities)}, abs=1e-6)
 
+    # The data moved: the saved data_root no longer holds it, --data-root says where it is now.
+    (tmp_path / "data").rename(tmp_path / "moved")
+    code, output = invoke("eval", "--checkpoint", tmp_path / "run" / "last.pt")
+    assert code == 2 and len(output.strip().splitlines()) == 1, output
+    code, output = invoke("export", "--checkpoint", tmp_path / "run" / "last.pt", "--data-root", tmp_path / "moved",
+                          "--format", "torchscript", "--output", tmp_path / "model.ts")
+    assert code == 0 and (tmp_path / "model.ts").is_file(), output
+
 
 def test_eval_does_not_need_the_initial_weights_a_run_started_from(tmp_path: Path) -> None:
     from plugins.models.mlp import build

@@ -486,9 +486,10 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
     @click.option("--format", "fmt", required=True, type=click.Choice(export_formats()),
                   help="torchscript (torch.jit.load), exported-program (torch.export.load), or onnx when installed.")
     @click.option("--output", required=True, type=click.Path(path_type=Path), help="File to write.")
+    @data_root_option
     @debug_option
     @reports_errors
-    def export(checkpoint: Path, fmt: str, output: Path) -> None:
+    def export(checkpoint: Path, fmt: str, output: Path, data_root: str | None) -> None:
         """Write a trained model to a file other programs load with plain torch.
 
         The file takes float images scaled to [0, 1] (N x C x H x W, any N):
@@ -502,7 +503,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         """
         if output.is_dir():
             raise UsageError(f"--output {output} is a folder; give a file name")
-        trained = load_trained(checkpoint)
+        trained = load_trained(checkpoint, data_root=data_root)
         export_model(trained, fmt, output)
         click.echo(f"wrote {output} ({fmt}) from {trained.path}: {trained.config.model} on {trained.config.dataset}, "
                    f"input {tuple(trained.data.input_shape)}, {len(trained.data.classes)} classes")
