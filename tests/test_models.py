@@ -87,6 +87,13 @@ def test_weights_from_a_file_keep_all_but_the_new_head(tmp_path: Path, caplog: p
     assert "skipped fc3.bias, fc3.weight" in caplog.text and "eight.pt" in caplog.text
 
 
+def test_a_grayscale_torchvision_model_reloads_its_own_weights(tmp_path: Path) -> None:
+    trained = torchvision_models.build_resnet18((1, 28, 28), 8)
+    torch.save(trained.state_dict(), tmp_path / "gray.pt")
+    model = torchvision_models.build_resnet18((1, 28, 28), 2, weights=str(tmp_path / "gray.pt"))
+    assert torch.equal(model.conv1.weight, trained.conv1.weight) and model.fc.out_features == 2
+
+
 def test_weights_from_a_run_folder_use_its_best_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
     best, last = mlp.build((1, 28, 28), 10), mlp.build((1, 28, 28), 10)

@@ -35,13 +35,13 @@ def build(input_shape: tuple[int, ...], num_classes: int, arch: str, weights: st
     if len(input_shape) != 3:
         raise ValueError(f"{arch} needs images (channels x height x width), got input shape {tuple(input_shape)}")
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    if weights == "imagenet":
+    if weights == "imagenet":  # RGB weights: loaded before the first layer is adapted to the channels
         path = imagenet_file(arch)
         load_into(model, torch.load(path, map_location="cpu", weights_only=True), origin=str(path))
-    elif weights is not None:
-        load_into(model, weights)
     if input_shape[0] != 3:
         adapt_input_channels(model, input_shape[0])
+    if weights is not None and weights != "imagenet":  # saved from a model already adapted like this one
+        load_into(model, weights)
     return model
 
 
