@@ -148,3 +148,31 @@ def test_run_with_a_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert result.exit_code == 2 and "give --config FILE or --recipe NAME, not both" in result.output
     result = CliRunner().invoke(cli, ["run", "--recipe", "quik"])
     assert result.exit_code == 2 and "unknown recipe 'quik' (did you mean 'quick'?)" in result.output
+
+
+@pytest.mark.slow
+def test_hymenoptera_recipe_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed's transfer-learning recipe on a tiny ants/bees tree, with a stand-in for
+    torchvision's ImageNet file in the hub cache: only the head learns, batch-norm
+    statistics adapt (the seed kept model.train()), the best checkpoint is written."""
+    import torch
+    import torchvision
+    from test_datasets import write_image_tree  # tests/ is on sys.path (pytest prepends it)
+
+    from trainer_core.checkpointing import load_checkpoint
+
+    write_image_tree(tmp_path / "hymenoptera_data", per_class=2)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    imagenet = torchvision.models.resnet18().state_dict()
+    torch.save(imagenet, tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(make_cli(), ["run", "--recipe", "hymenoptera-resnet18", "--epochs", "2", "--data-root",
+                                             str(tmp_path / "hymenoptera_data"), "--run-dir", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    best = list((run / "checkpoints").glob("best-*.pt"))
+    assert len(best) == 1
+    weights = load_checkpoint(best[0])["model"]
+    assert torch.equal(weights["layer3.0.conv1.weight"], imagenet["layer3.0.conv1.weight"])  # frozen
+    assert not torch.equal(weights["bn1.running_mean"], imagenet["bn1.running_mean"])  # statistics adapted
+    assert weights["fc.weight"].shape == (2, 512)
