@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,14 @@ PACE = """
     from trainer_core import hookimpl
 
     def pause(trainer, what, until_stop=True):
-        '''Announce ``what`` and wait (up to a minute) for a kill, or a signal's stop request.'''
+        '''Announce ``what`` and wait (up to a minute) for a kill, a signal's stop
+        request, or the file $PACE_RELEASE.'''
         print(what, flush=True)
         deadline = time.monotonic() + 60
+        release = os.environ.get("PACE_RELEASE")
         while not (until_stop and trainer.state.should_stop) and time.monotonic() < deadline:
+            if release and os.path.exists(release):
+                return
             time.sleep(0.02)
 
     class Pace:
@@ -204,10 +209,11 @@ def test_sigkill_then_resume_auto_is_bit_identical(tmp_path: Path, pace_env: dic
                                                    every_n_steps: int) -> None:
     import random
 
-    # A random step of epochs 2-3, past at least one checkpoint; the seed keeps failures reproducible.
-    kill_after = random.Random(every_n_steps).randrange(BATCHES + 1, EPOCHS * BATCHES - 1)
-    # The newest save by then: every N steps within an epoch, and each epoch's end (after its evaluation).
-    saved = max(s for s in range(kill_after + 1) if s % BATCHES == 0 or (every_n_steps and s % every_n_steps == 0))
+    # Saves: every N steps within an epoch, and each epoch's end (after its evaluation).
+    saves = [s for s in range(1, EPOCHS * BATCHES + 1) if s % BATCHES == 0 or (every_n_steps and s % every_n_steps == 0)]
+    # A random step of epochs 2-3 that is no save step, so the kill loses work; the seed keeps it reproducible.
+    kill_after = random.Random(every_n_steps).choice([s for s in range(BATCHES + 1, EPOCHS * BATCHES) if s not in saves])
+    saved = max(s for s in saves if s <= kill_after)
     why = f"killed after step {kill_after} (every_n_steps={every_n_steps}), expected a resume from step {saved}"
     run = RUN + ["-o", f"checkpoint.every_n_steps={every_n_steps}", "--run-dir", "run"]
     proc = start(tmp_path, pace_env, *run, pause_at=kill_after)
@@ -368,3 +374,321 @@ def test_a_write_that_fails_mid_checkpoint_keeps_the_last_good_one(tmp_path: Pat
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best-epoch001-val_acc0.8958.pt", "last.pt"]  # no partial file
     assert same_weights(load_checkpoint(folder / "last.pt")["model"], good["model"])
+
+
+# -- non-finite losses with checkpoints on ---------------------------------------------------
+
+
+class PoisonStep:
+    """Makes the batch of training step ``step`` NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def on_batch_start(self, trainer: Trainer, inputs: torch.Tensor) -> None:
+        if trainer.state.step + 1 == self.step:
+            inputs.fill_(float("nan"))
+
+
+def finite(payload: dict[str, Any]) -> bool:
+    return all(torch.isfinite(t).all() for t in payload["model"].values() if t.is_floating_point())
+
+
+def test_a_nan_stops_the_run_and_no_nan_checkpoint_replaces_a_good_one(tmp_path: Path) -> None:
+    from trainer_core import TrainerError
+    from trainer_core.testing import run_tiny
+
+    # A save after every step, and the loss read back only every 3 steps: steps 5 and 6 have NaN
+    # weights before the loop can know; the checkpoint plugin must refuse them itself.
+    plugins = {"checkpoint": Checkpoint(every_n_steps=1, restore_best=False), "poison": PoisonStep(5)}
+    with pytest.raises(TrainerError, match=r"^training loss became nan in epoch 2 by step 6; lower the learning rate"):
+        run_tiny(plugins, epochs=3, log_every_n_steps=3, run_dir=tmp_path / "run")
+    folder = tmp_path / "run" / "checkpoints"
+    (best,) = [p for p in folder.iterdir() if p.name != "last.pt"]
+    assert best.name.startswith("best-epoch001-") and finite(load_checkpoint(best))
+    last = load_checkpoint(folder / "last.pt")
+    assert last["state"]["step"] == 4 and finite(last)  # the last step before the NaN
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "by step 6" in summary["error"]
+
+
+def test_skipping_non_finite_steps_with_checkpoints_on(tmp_path: Path) -> None:
+    from trainer_core.testing import run_tiny
+
+    plugins = {"checkpoint": Checkpoint(every_n_steps=1, save_top_k=-1, restore_best=False), "poison": PoisonStep(5)}
+    trainer = run_tiny(plugins, epochs=3, nonfinite="skip", run_dir=tmp_path / "run")
+    files = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(files) == 4 and all(finite(load_checkpoint(p)) for p in files)  # 3 best (all kept) and last
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["state"]["step"] == 9 and last["stepper"]["skipped"] == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_steps"] == 1
+    assert trainer.state.metrics["val/acc"] >= 0.9
+
+
+# -- a plugin that fails ---------------------------------------------------------------------
+
+
+class FailsInEval:
+    @hookimpl
+    def on_eval(self, trainer: Trainer) -> None:
+        if trainer.state.epoch == 2:
+            raise KeyError("val/f1")
+
+
+class Witness:
+    """Records the exception every plugin is told about."""
+
+    def __init__(self) -> None:
+        self.told: list[BaseException] = []
+
+    @hookimpl
+    def on_exception(self, exception: BaseException) -> None:
+        self.told.append(exception)
+
+
+def test_a_failing_plugin_is_named_others_are_told_and_the_last_checkpoint_stays(tmp_path: Path) -> None:
+    """On a plugin's failure the checkpoint plugin does not save: the state may be part-way
+    through a step or an epoch's end.  The last periodic checkpoint is what a resume continues."""
+    from trainer_core import PluginError
+    from trainer_core.testing import run_tiny
+
+    witness = Witness()
+    with pytest.raises(PluginError, match=r"^plugin 'faulty' failed in on_eval: KeyError: 'val/f1'$"):
+        run_tiny({"checkpoint": Checkpoint(every_n_steps=2), "faulty": FailsInEval(), "witness": witness}, epochs=3,
+                 run_dir=tmp_path / "run")
+    assert [type(e) for e in witness.told] == [KeyError]
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (last["state"]["epoch"], last["state"]["step"]) == (2, 4)  # the mid-epoch save before the failure
+    assert not (tmp_path / "run" / ".lock").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+BROKEN_PLUGINS = {
+    "import": ("import not_a_module_anywhere\n", "plugin 'broken' failed to import"),
+    "spec": ("from trainer_core import hookimpl\n\nclass Broken:\n    @hookimpl\n    def on_bach_end(self, trainer):\n        pass\n",
+             "plugin 'broken' (entry point 'broken = broken_plugin:Broken' of distribution 'broken-dist') implements "
+             "unknown hook 'on_bach_end' (did you mean 'on_batch_end'?)"),
+    "arguments": ("from trainer_core import hookimpl\n\nclass Broken:\n    @hookimpl\n    def on_eval(self, metrics, confusion):\n"
+                  "        pass\n", "hook on_eval() asks for confusion, which the spec does not pass"),
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN_PLUGINS)
+def test_a_broken_plugin_is_refused_before_anything_is_written(fake_entry_points, tmp_path: Path, kind: str) -> None:
+    source, message = BROKEN_PLUGINS[kind]
+    fake_entry_points("broken-dist", {"trainer.plugins": {"broken": "broken_plugin:Broken"}}, modules={"broken_plugin": source})
+    code, output = cli("run", "--dataset", "fake", "--plugins", "broken", "--run-dir", tmp_path / "run")
+    assert code == 1 and message in one_line(output)
+    assert not (tmp_path / "run").exists()
+
+
+# -- files that would run code when loaded ---------------------------------------------------
+
+
+class RunsACommand:
+    """Unpickles as a call of ``os.system``: what a booby-trapped checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def booby_trapped(path: Path, marker: Path) -> Path:
+    """A checkpoint that looks right (model, state, config) and runs a command when unpickled."""
+    from trainer_core.testing import tiny_model
+
+    weights = {k: v for k, v in tiny_model(num_classes=10).state_dict().items()}
+    torch.save({"format": 1, "model": {**weights, "trap": RunsACommand(marker)}, "state": {"epoch": 1, "step": 1},
+                "config": {"model": "mlp", "dataset": "fake"}}, path)
+    return path
+
+
+def test_a_checkpoint_that_runs_code_is_refused_everywhere(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    # First show the trap is live: an unsafe load runs the command.
+    control = booby_trapped(tmp_path / "control.pt", tmp_path / "control-ran")
+    torch.load(control, weights_only=False)
+    assert (tmp_path / "control-ran").exists()
+
+    evil = booby_trapped(tmp_path / "evil.pt", marker)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    booby_trapped(tmp_path / "run" / "checkpoints" / "last.pt", marker)
+    refused = "was refused: it holds objects other than tensors and plain data, and loading it could run code"
+    for args in (["run", "--resume", evil],
+                 ["run", "--run-dir", tmp_path / "run", "--resume", "auto"],
+                 ["run", "--dataset", "fake", "--model", "mlp", "-o", f"model.weights={evil}", "--run-dir", tmp_path / "new"],
+                 ["eval", "--checkpoint", evil],
+                 ["predict", "--checkpoint", evil, tmp_path / "any.png"],
+                 ["export", "--checkpoint", evil, "--format", "torchscript", "--output", tmp_path / "model.pt"]):
+        code, output = cli(*args)
+        assert code == 2 and refused in one_line(output), args
+        assert not marker.exists(), args
+    assert not (tmp_path / "new").exists()
+
+
+# -- bad input: one line each, exit status 2 --------------------------------------------------
+
+
+def write_files(tmp_path: Path, kind: str) -> list[str]:
+    """Write the bad input ``kind`` under ``tmp_path``; return the extra command-line arguments."""
+    from test_datasets import write_cifar, write_idx_dataset, write_image_tree
+
+    data = tmp_path / "data"
+    if kind == "bad-toml":
+        (tmp_path / "run.toml").write_text("epochs = [\n")
+        return ["--config", str(tmp_path / "run.toml")]
+    if kind == "unknown-key":
+        (tmp_path / "run.toml").write_text("epoch = 3\n")
+        return ["--config", str(tmp_path / "run.toml")]
+    if kind == "empty-root":
+        data.mkdir()
+        return ["--dataset", "mnist", "--data-root", str(data)]
+    if kind == "truncated-idx":
+        write_idx_dataset(data, gz=False)
+        images = data / "t10k-images-idx3-ubyte"
+        images.write_bytes(images.read_bytes()[:1000])
+        return ["--dataset", "mnist", "--data-root", str(data), "--model", "mlp"]
+    if kind == "truncated-pickle":
+        write_cifar(data)
+        batch = data / "cifar-10-batches-py" / "data_batch_2"
+        batch.write_bytes(batch.read_bytes()[:300])
+        return ["--dataset", "cifar10", "--data-root", str(data)]
+    if kind == "unreadable-image":
+        write_image_tree(data, per_class=2)
+        (data / "val" / "bees" / "1.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+        return ["--dataset", "imagefolder", "--data-root", str(data), "-o", "dataset.image_size=16", "--model", "mlp",
+                "--num-workers", "1"]  # the error crosses a loader process and is still one line
+    raise AssertionError(kind)
+
+
+BAD_INPUT = [
+    (["--optimizer", "lbfgs"], "Invalid value for '--optimizer': 'lbfgs' is not one of 'sgd', 'adam', 'adamw'. (see 'cli run --help')"),
+    (["--precision", "8"], "Invalid value for '--precision': '8' is not one of '32', 'bf16', '16'."),
+    (["--batch-size", "eight"], "Invalid value for '--batch-size': 'eight' is not a valid integer."),
+    (["--epochs", "0"], "epochs must be >= 1 (got 0)"),
+    (["--batch-size", "0"], "batch_size must be >= 1 (got 0)"),
+    (["--lr", "0"], "lr must be > 0 (got 0.0)"),
+    (["--epoch", "3"], "No such option '--epoch'"),
+    (["--plugins", "chekpoint"], "unknown plugin 'chekpoint' (did you mean 'checkpoint'?); installed plugins: "),
+    (["--plugins", "checkpoint", "-o", "checkpoint.monitr=val/loss"], "unknown option 'checkpoint.monitr' (did you mean 'monitor'?)"),
+    (["--plugins", "checkpoint", "-o", "checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps must be >= 0"),
+    (["--plugins", "steplr", "-o", "steplr.gamma=nan"], "steplr.gamma must be > 0 (got nan)"),
+    (["-o", "steplr.gamma=0.5"], "option 'steplr.gamma' is for plugin 'steplr', which is not enabled; add --plugins steplr"),
+    ("bad-toml", "is not valid TOML"),
+    ("unknown-key", "unknown setting 'epoch' in config file"),
+    (["--config", "missing.toml"], "config file missing.toml does not exist"),
+    ("empty-root", "mnist data not found: expected train-images-idx3-ubyte"),
+    ("truncated-idx", "t10k-images-idx3-ubyte is truncated or damaged"),
+    ("truncated-pickle", "data_batch_2 is damaged or not a CIFAR-10 batch"),
+    ("unreadable-image", "bees/1.jpg (UnidentifiedImageError); replace or remove it"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[a if isinstance(a, str) else " ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str] | str, message: str) -> None:
+    extra = write_files(tmp_path, args) if isinstance(args, str) else args
+    code, output = cli("run", "--dataset", "fake", "--epochs", "1", "-q", "--run-dir", tmp_path / "run", *extra)
+    assert code == 2 and message in one_line(output)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_command_line_mistakes_outside_run_are_one_line_too() -> None:
+    code, output = cli("rnu")
+    assert (code, one_line(output)) == (2, "error: No such command 'rnu'. Did you mean 'run'? (see 'cli --help')")
+    code, output = cli("predict", "--checkpoint", "x.pt")
+    assert (code, one_line(output)) == (2, "error: Missing argument 'IMAGES...'. (see 'cli predict --help')")
+
+
+@pytest.fixture(scope="module")
+def fake_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """last.pt of a 1-epoch smallcnn run on fake's 3 classes."""
+    run = tmp_path_factory.mktemp("fake-run") / "run"
+    assert cli(*SMALL, "--epochs", "1", "--run-dir", run)[0] == 0
+    return run / "checkpoints" / "last.pt"
+
+
+def test_a_checkpoint_for_another_class_count_names_the_keys_and_the_transfer_option(tmp_path: Path) -> None:
+    mlp = ["--dataset", "fake", "--model", "mlp", "-o", "model.hidden=8", "--epochs", "1", "-q", "--plugins", "checkpoint"]
+    assert cli("run", *mlp, "--run-dir", tmp_path / "three")[0] == 0
+    checkpoint = tmp_path / "three" / "checkpoints" / "last.pt"
+    before = {p: p.read_bytes() for p in (tmp_path / "three").rglob("*") if p.is_file()}
+    code, output = cli("run", "--resume", checkpoint, "-o", "dataset.num_classes=5", "-q")  # into its own run folder
+    line = one_line(output)
+    assert code == 2 and line.startswith("error: checkpoint does not fit this model (shape in checkpoint vs model: ")
+    assert "(3, 8) vs (5, 8)" in line and "-o model.weights=PATH" in line
+    assert {p: p.read_bytes() for p in (tmp_path / "three").rglob("*") if p.is_file()} == before  # refused before touching it
+    # What it suggests works: the layers that fit are loaded, the new head starts fresh.
+    code, output = cli("run", *mlp, "-o", "dataset.num_classes=5", "-o", f"model.weights={checkpoint}", "--run-dir", tmp_path / "five")
+    assert code == 0, output
+
+
+def test_weights_of_another_model_are_refused(tmp_path: Path, fake_checkpoint: Path) -> None:
+    code, output = cli("run", "--dataset", "fake", "--model", "mlp", "-o", f"model.weights={fake_checkpoint}", "--epochs", "1",
+                       "-q", "--run-dir", tmp_path / "run")
+    assert code == 2 and f"no weights in {fake_checkpoint} fit this model" in one_line(output)
+    assert "was it saved from another model?" in output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_run_folder_at_once_one_refuses_and_nothing_is_corrupted(tmp_path: Path, pace_env: dict[str, str]) -> None:
+    # Both ask to overwrite, so only the folder's lock can keep them apart.  The one that takes it
+    # waits after step 2 until the other has been refused.
+    procs = [start(tmp_path, pace_env, *RUN, "--run-dir", "run", "--overwrite", pause_at=2, release=tmp_path / "go")
+             for _ in range(2)]
+    while all(p.poll() is None for p in procs):  # bounded: the winner waits at most a minute
+        time.sleep(0.05)
+    (loser,) = [p for p in procs if p.poll() is not None]
+    (tmp_path / "go").touch()
+    (winner,) = [p for p in procs if p is not loser]
+    _, err = loser.communicate()
+    run = tmp_path / "run"
+    assert (loser.returncode, one_line(err)) == (2, "error: run folder run is in use by another run (run/.lock exists); "
+                                                    "wait or choose another --name")
+    finish(winner)
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == EPOCHS * BATCHES
+    assert not (run / ".lock").exists()
+
+
+# -- -o parsing never crashes ----------------------------------------------------------------
+
+OWNERS = ["steplr", "checkpoint", "progress", "model", "dataset", "nope", "", " steplr"]
+KEYS = ["gamma", "step_size", "interval", "monitor", "mode", "save_top_k", "every_n_steps", "restore_best", "dirpath", "bar",
+        "refresh_per_second", "width", "dropout", "num_classes", "noise", ""]
+
+
+@pytest.mark.slow
+def test_any_option_text_is_accepted_or_one_usage_error() -> None:
+    """``-o`` text, arbitrary or shaped like NAME.KEY=VALUE with any value, goes through parsing,
+    coercion and each plugin's own checks to a working plugin or a one-line UsageError."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from plugins.datasets.fake import load as fake
+    from plugins.models.smallcnn import build as smallcnn
+    from trainer_core import UsageError
+    from trainer_core.config import resolve_config
+    from trainer_core.options import bind_options
+    from trainer_core.pluginmanager import make_plugin_manager
+    from trainer_core.runner import load_plugins
+
+    shaped = st.builds(lambda o, k, v: f"{o}.{k}={v}", st.sampled_from(OWNERS), st.sampled_from(KEYS) | st.text(max_size=8),
+                       st.text(max_size=12) | st.sampled_from(["-1", "0", "nan", "inf", "-inf", "1e999", "true", "none", "max"]))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(shaped | st.text(max_size=20), min_size=1, max_size=3))
+    def check(overrides: list[str]) -> None:
+        try:
+            config = resolve_config(None, {}, ["steplr,checkpoint,progress"], overrides)
+            load_plugins(make_plugin_manager(), config.plugins)
+            bind_options(smallcnn, config.model_options, owner="model", skip=("input_shape", "num_classes"))
+            bind_options(fake, config.dataset_options, owner="dataset")
+        except UsageError as exc:
+            assert str(exc) and "\\n" not in str(exc), overrides
+
+    check()

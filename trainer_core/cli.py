@@ -7,11 +7,12 @@ non-zero exit status; ``--debug`` (or ``TRAINER_DEBUG=1``) shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 import click
 import pluggy
@@ -95,10 +96,45 @@ def recipe_or_config(recipe: str | None, config_file: Path | None) -> Path | Non
     return find_recipe(recipe)
 
 
+class CommandLineError(click.ClickException):
+    """A mistake click finds on the command line (an unknown command or option, a
+    value not among the choices or not a number): one line, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=file is None, file=file)
+
+
+@contextlib.contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    """Turn click's usage errors (usage, a hint and the error, on four lines) into one line."""
+    try:
+        yield
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()):  # bare ``trainer``: the help, as click shows it
+        raise
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        raise CommandLineError(exc.format_message() + hint) from None
+
+
+class TrainerGroup(click.Group):
+    """The ``trainer`` group: command-line mistakes are one line, like every other error."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        with one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with one_line_usage_errors():
+            return super().invoke(ctx)
+
+
 def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manager) -> click.Group:
     """Build the ``trainer`` command group; tests pass their own ``pm_factory``."""
 
-    @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    @click.group(cls=TrainerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
     @click.version_option(__version__, prog_name="trainer")
     def cli() -> None:
         """Train PyTorch models with a small loop and pluggable extras.

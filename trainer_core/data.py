@@ -16,6 +16,8 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from trainer_core.errors import UsageError
+
 
 @dataclass
 class TensorSplit:
@@ -105,7 +107,7 @@ class Batches:
             self.sampler = EpochSampler(self.size, seed, shuffle)
             workers = default_workers() if num_workers is None else num_workers
             self.loader = DataLoader(
-                split,
+                ReadErrorsNamed(split),
                 batch_size=batch_size,
                 sampler=self.sampler,
                 num_workers=workers,
@@ -158,6 +160,34 @@ class Batches:
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs
+
+
+class UnreadableSample(UsageError):
+    """A sample whose file cannot be read, as one line even from a loader process."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker re-raises it with its traceback in front: keep our last line.
+        super().__init__(message.strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1])
+
+
+class ReadErrorsNamed(Dataset):  # type: ignore[type-arg]
+    """``split`` as it is, except that a sample that cannot be read (a damaged
+    image file) raises :class:`UnreadableSample` naming the file."""
+
+    def __init__(self, split: Dataset) -> None:  # type: ignore[type-arg]
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> object:
+        try:
+            return self.split[index]
+        except OSError as exc:  # PIL's UnidentifiedImageError, a truncated or vanished file
+            samples = getattr(self.split, "samples", None)  # torchvision's folders: (path, class) pairs
+            where = samples[index][0] if isinstance(samples, list) else f"sample {index}"
+            detail = type(exc).__name__ if str(where) in str(exc) else f"{type(exc).__name__}: {exc}"
+            raise UnreadableSample(f"cannot read {where} ({detail}); replace or remove it") from None
 
 
 class EpochSampler(Sampler[int]):

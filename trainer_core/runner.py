@@ -23,7 +23,7 @@ from trainer_core.options import bind_options
 from trainer_core.pluginmanager import instantiate, make_plugin_manager, register
 from trainer_core.rundir import RunDir, default_run_path
 from trainer_core.runtime import seed_everything, select_device
-from trainer_core.trainer import Trainer
+from trainer_core.trainer import Trainer, _misfit
 
 
 def load_plugins(pm: pluggy.PluginManager, wanted: Mapping[str, Mapping[str, Any]]) -> None:
@@ -92,6 +92,12 @@ def build_run(
     data = load_dataset(config.dataset, config.dataset_options, config.data_root)
     seed_everything(config.seed)
     model = build_model(config.model, config.model_options, data)
+    if resume is not None and isinstance(resume.get("model"), Mapping):
+        # Refused here, before the run folder (often the resumed run's own) is touched.
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError:
+            raise UsageError(_misfit(model.state_dict(), resume["model"])) from None
     run_dir = None
     if write_files:
         # The default name holds the time: every rank takes rank zero's choice, and only rank zero writes.
