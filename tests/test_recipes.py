@@ -176,3 +176,20 @@ def test_hymenoptera_recipe_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.
     assert torch.equal(weights["layer3.0.conv1.weight"], imagenet["layer3.0.conv1.weight"])  # frozen
     assert not torch.equal(weights["bn1.running_mean"], imagenet["bn1.running_mean"])  # statistics adapted
     assert weights["fc.weight"].shape == (2, 512)
+
+
+@pytest.mark.parametrize("recipe", ["cifar10-convnet", "mnist-mlp-tensorboard"])
+def test_seed_recipes_run_on_small_files(recipe: str, tmp_path: Path) -> None:
+    """The CIFAR-10 and MNIST recipes, one epoch on small files in the real formats."""
+    from test_datasets import write_cifar, write_idx_dataset  # tests/ is on sys.path (pytest prepends it)
+
+    (write_cifar if recipe.startswith("cifar") else write_idx_dataset)(tmp_path / "data")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(make_cli(), ["run", "--recipe", recipe, "--epochs", "1", "--data-root",
+                                             str(tmp_path / "data"), "--run-dir", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    if recipe.startswith("cifar"):
+        assert "val/acc/airplane" in metrics  # class-accuracy
+    else:
+        assert any((run / "tensorboard").iterdir())
