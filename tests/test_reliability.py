@@ -222,6 +222,8 @@ def test_sigkill_then_resume_auto_is_bit_identical(tmp_path: Path, pace_env: dic
     proc.wait()
     assert train_logs("\n".join(before)) == [e for e in straight["logs"] if e["step"] <= kill_after], why
     assert load_checkpoint(find_checkpoint(tmp_path / "run"))["state"]["step"] == saved, why
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"epoch": 3, "st')  # as a kill in the middle of appending a record would leave it
     resumed = finish(start(tmp_path, pace_env, "--run-dir", "run", "--resume", "auto", "-q"))
     assert_resumed_exactly(straight, tmp_path / "run", saved, train_logs(resumed), why)
 
@@ -610,6 +612,7 @@ def fake_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run / "checkpoints" / "last.pt"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_for_another_class_count_names_the_keys_and_the_transfer_option(tmp_path: Path) -> None:
     mlp = ["--dataset", "fake", "--model", "mlp", "-o", "model.hidden=8", "--epochs", "1", "-q", "--plugins", "checkpoint"]
     assert cli("run", *mlp, "--run-dir", tmp_path / "three")[0] == 0
