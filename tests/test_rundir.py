@@ -1,6 +1,7 @@
 """Run folders: one writer at a time, atomic files, nothing lost on failure."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,21 @@ def test_an_unwritable_location_is_a_clear_error(tmp_path):
     (tmp_path / "taken").write_text("not a folder")
     with pytest.raises(UsageError, match=r"cannot create run folder .*taken/run: Not a directory"):
         RunDir.create(tmp_path / "taken" / "run")
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    # mkstemp makes 0600 files; results must be readable by others as any file the user writes.
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "summary.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
+    from trainer_core.checkpointing import load_checkpoint
+
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(UsageError, match=r"photo.png is not a checkpoint \(not a file torch.save writes\)"):
+        load_checkpoint(tmp_path / "photo.png")

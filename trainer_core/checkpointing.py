@@ -69,6 +69,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError(f"checkpoint {path} does not exist")
     import torch
 
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    # torch.save writes a zip archive ("PK"), older versions a bare pickle (which starts with 0x80).
+    if magic != b"PK" and magic[:1] != b"\x80":
+        raise UsageError(f"checkpoint {path} is not a checkpoint (not a file torch.save writes)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -15,6 +15,7 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
     fsynced and renamed over ``path``.  On failure ``path`` is untouched."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -37,6 +38,12 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Atomically write ``path`` by calling ``write`` on the open temporary file."""
     with atomic_writer(path) as handle:
         write(handle)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
