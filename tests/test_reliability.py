@@ -245,6 +245,7 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint_for_resume_auto(
     assert load_checkpoint(folder / "last.pt")["state"]["step"] == hang_at - EVERY_N_STEPS
     resumed = finish(start(tmp_path, pace_env, "--run-dir", "run", "--resume", "auto", "-q"))
     assert_resumed_exactly(straight, tmp_path / "run", hang_at - EVERY_N_STEPS, train_logs(resumed), "killed mid-save")
+    assert not partial.exists()  # the resumed run, holding the folder's lock, removed it
 
 
 @pytest.mark.slow

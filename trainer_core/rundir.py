@@ -46,6 +46,10 @@ class RunDir:
             raise UsageError(f"cannot create run folder {path}: {exc.strerror}") from None
         run = cls(path)
         run._lock()
+        # Half-written temporary files of a killed run's saves (atomic_writer's): with the lock
+        # held, none of them is being written.
+        for stale in path.glob("**/.*.tmp"):
+            stale.unlink(missing_ok=True)
         if overwrite and not resume:
             with contextlib.suppress(FileNotFoundError):
                 (path / METRICS).unlink()
