@@ -151,3 +151,16 @@ def test_listing_plugins_does_not_import_torch():
             "assert 'error' not in r.output, r.output; assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_warnings_are_prefixed_lines_on_stderr(tmp_path):
+    import torch
+
+    from plugins.models.mlp import build
+
+    torch.save(build((1, 8, 8), 10).state_dict(), tmp_path / "ten-classes.pt")
+    result = trainer_process("run", *FAST, "-q", "--run-dir", "r", "--model", "mlp",
+                             "-o", f"model.weights={tmp_path / 'ten-classes.pt'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("warning: weights from ") and "l2.weight" in line

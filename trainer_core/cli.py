@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import sys
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, TypeVar
@@ -131,6 +132,20 @@ class TrainerGroup(click.Group):
             return super().invoke(ctx)
 
 
+class _WarningLine(logging.Handler):
+    """Warnings from the core and plugins as ``warning: ...`` lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"warning: {record.getMessage()}", err=True)
+
+
+def show_warnings() -> None:
+    logger = logging.getLogger("trainer_core")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
+        logger.propagate = False
+
+
 def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manager) -> click.Group:
     """Build the ``trainer`` command group; tests pass their own ``pm_factory``."""
 
@@ -144,6 +159,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         Then:        trainer plugins              (what you can turn on)
                      trainer run --plugins NAME   (turn it on; -o NAME.KEY=VALUE sets its options)
         """
+        show_warnings()
 
     @cli.command()
     @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
