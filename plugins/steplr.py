@@ -28,10 +28,13 @@ class StepLR:
             raise ValueError(f"steplr.step_size must be >= 1 (got {step_size})")
         if not gamma > 0:  # also refuses NaN
             raise ValueError(f"steplr.gamma must be > 0 (got {gamma})")
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"steplr.interval must be epoch or step (got {interval!r})")
         self.step_size = step_size
         self.gamma = gamma
         self.interval = interval
         self.scheduler: torch.optim.lr_scheduler.StepLR | None = None
+        self._optimizer_stepped = False  # between on_before_optimizer_step and the batch's on_batch_end
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -41,13 +44,16 @@ class StepLR:
         self.scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=self.step_size, gamma=self.gamma)
 
     @hookimpl
-    def on_batch_end(self, trainer: Trainer) -> None:
-        if self.interval != "step" or self.scheduler is None:
-            return
-        # With gradient accumulation an optimizer step ends every k batches and at the epoch's end.
-        done = trainer.state.batch_idx
-        if done % trainer.config.accumulate_grad_batches == 0 or done == len(trainer.train_batches):
-            self.scheduler.step()
+    def on_before_optimizer_step(self) -> None:
+        # Only the core knows which batches end in an optimizer step (gradient
+        # accumulation, batches skipped for a non-finite loss): it says so here.
+        self._optimizer_stepped = True
+
+    @hookimpl
+    def on_batch_end(self) -> None:
+        stepped, self._optimizer_stepped = self._optimizer_stepped, False
+        if stepped and self.interval == "step" and self.scheduler is not None:
+            self.scheduler.step()  # after optimizer.step(), as torch expects
 
     @hookimpl
     def on_epoch_end(self) -> None:

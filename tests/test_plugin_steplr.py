@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from plugins.steplr import StepLR
 from trainer_core.cli import make_cli
-from trainer_core.testing import HookRecorder, run_tiny
+from trainer_core.testing import HookRecorder, run_tiny, tiny_data
 
 
 def started(plugin: StepLR, lr: float = 1.0):
@@ -32,7 +32,8 @@ def test_decays_every_step_size_epochs() -> None:
     trainer = started(plugin)
     seen = []
     for _ in range(5):
-        plugin.on_batch_end(trainer=trainer)  # per-epoch mode: steps do not count
+        plugin.on_before_optimizer_step()
+        plugin.on_batch_end()  # per-epoch mode: steps do not count
         plugin.on_epoch_end()
         seen.append(trainer.optimizer.param_groups[0]["lr"])
     assert seen == [1.0, 0.5, 0.5, 0.25, 0.25]
@@ -41,10 +42,12 @@ def test_decays_every_step_size_epochs() -> None:
 def test_interval_step_counts_optimizer_steps() -> None:
     plugin = StepLR(step_size=3, gamma=0.1, interval="step")
     trainer = started(plugin)
-    for batch in range(6):
-        trainer.state.batch_idx = batch % 3 + 1
-        plugin.on_batch_end(trainer=trainer)
+    for batch in range(9):
+        if batch % 3 != 2:  # every third batch accumulates (or is skipped): no optimizer step
+            plugin.on_before_optimizer_step()
+        plugin.on_batch_end()
     plugin.on_epoch_end()  # per-step mode: epochs do not count
+    assert plugin.scheduler.last_epoch == 6
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
@@ -66,7 +69,7 @@ def test_state_round_trip_continues_the_schedule() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [({"step_size": 0}, "steplr.step_size must be >= 1 (got 0)"), ({"gamma": -1.0}, "steplr.gamma must be > 0 (got -1.0)"),
-     ({"gamma": math.nan}, "steplr.gamma must be > 0")],
+     ({"gamma": math.nan}, "steplr.gamma must be > 0"), ({"interval": "batch"}, "steplr.interval must be epoch or step")],
 )
 def test_bad_options_are_rejected(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -125,3 +128,20 @@ def test_per_step_counts_optimizer_steps_with_gradient_accumulation() -> None:
     lrs = [kwargs["metrics"]["lr"] for kwargs in recorder.kwargs("on_train_log")]
     # 3 batches per epoch, 2 per optimizer step: steps after batches 2 and 3 (the epoch's end) of each epoch.
     assert lrs == pytest.approx([0.05, 0.025, 0.0125, 0.0125, 0.00625, 0.003125])
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_per_step_skips_batches_without_an_optimizer_step(accumulate: int) -> None:
+    """A batch skipped for a non-finite loss takes no optimizer step, so no scheduler step either."""
+    data = tiny_data()
+    data.train.inputs[5] = float("nan")  # one poisoned batch per epoch
+    plugin = StepLR(step_size=1, gamma=0.5, interval="step")
+    trainer = run_tiny({"steplr": plugin}, data=data, epochs=2, nonfinite="skip", optimizer="adam",
+                       accumulate_grad_batches=accumulate)
+    assert trainer.stepper.skipped == 2
+    # Adam counts the steps it really took.
+    taken = int(trainer.optimizer.state[next(trainer.model.parameters())]["step"])
+    if accumulate == 1:
+        assert taken == 6 - 2
+    assert plugin.scheduler.last_epoch == taken
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**taken)
