@@ -67,7 +67,8 @@ class Checkpoint:
         self.kept: list[dict[str, Any]] = []
         self._score: float | None = None  # the monitored value of the epoch's evaluation
         self._saved_step = -1  # the step ``last.pt`` holds
-        self._due = False  # a mid-epoch save waits for the end of a gradient accumulation
+        self._due = False  # a mid-epoch save waits for the next optimizer step
+        self._optimizer_stepped = False  # between on_before_optimizer_step and the batch's on_batch_end
 
     # -- start-up ------------------------------------------------------------
 
@@ -94,17 +95,22 @@ class Checkpoint:
             raise UsageError(self._unknown_monitor([k for k in metrics if k not in ("epoch", "step")]))
         self._score = float(metrics[self.monitor])
 
+    @hookimpl
+    def on_before_optimizer_step(self) -> None:
+        self._optimizer_stepped = True
+
     @hookimpl(trylast=True)
     def on_batch_end(self, trainer: Trainer) -> None:
+        stepped, self._optimizer_stepped = self._optimizer_stepped, False
         if not self.every_n_steps:
             return
         state = trainer.state
         self._due = self._due or state.step % self.every_n_steps == 0
-        # Gradients being accumulated are not in a checkpoint: wait for the optimizer step.
+        # Gradients being accumulated are not in a checkpoint: save right after an optimizer
+        # step (not every k-th batch: a batch skipped for a non-finite loss shifts the steps).
         # The epoch's last batch is saved at on_epoch_end, after its evaluation:
         # a checkpoint there would resume past an evaluation that never happened.
-        if (self._due and state.batch_idx % trainer.config.accumulate_grad_batches == 0
-                and state.batch_idx < len(trainer.train_batches)):
+        if self._due and stepped and state.batch_idx < len(trainer.train_batches):
             self._save(trainer, best=None)
 
     @hookimpl(trylast=True)
