@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, TextIO
 
 from trainer_core import UsageError, hookimpl
+from trainer_core.distributed import all_reduce
 from trainer_core.files import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -34,17 +35,6 @@ def class_keys(classes: Sequence[str]) -> list[str]:
             key = f"{key}_{index}"
         keys.append(key)
     return keys
-
-
-def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` in place over the processes of a distributed run (each
-    evaluated its own shard); in a single process it is returned as it is.
-    Every rank must call this at the same point."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 class ClassAccuracy:
@@ -109,7 +99,8 @@ class ClassAccuracy:
         if self._counts is None:
             return None
         classes = len(self._classes)
-        self.confusion = sum_across_ranks(self._counts).view(classes, classes).cpu()
+        # Each rank counted its shard; every rank gets here at once (a collective).
+        self.confusion = all_reduce(self._counts).view(classes, classes).cpu()
         self._counts = None
         self.evaluated_at = {"epoch": trainer.state.epoch, "step": trainer.state.step}
         if trainer.is_main and trainer.run_path is not None and self.matrix_file:
