@@ -60,7 +60,9 @@ class TensorBoard:
         :param graph: log the model graph (traced once on the first batch).
         :param pr_curves: log a precision-recall curve per class at each evaluation.
         :param histogram_every_n_steps: weight and gradient histograms every N
-            optimizer steps; unset: at the last step of each epoch; 0: never.
+            training steps (with gradient accumulation: at the optimizer step
+            that reaches or passes each multiple of N); unset: at the last step
+            of each epoch; 0: never.
         :param confusion_image: with class-accuracy on, show its confusion matrix as an image.
         :param flush_secs: most seconds events wait in memory before reaching the disk."""
         if images < 0:
@@ -80,6 +82,8 @@ class TensorBoard:
         self.writer: SummaryWriter | None = None
         self._path: Path | None = None
         self._first_batch_done = False
+        self._last_update: int | None = None  # the training step of the previous optimizer step
+        self._histogram_step: int | None = None  # set when this batch's optimizer step gets histograms
         self._correct: torch.Tensor | None = None  # right training predictions since the last log, on the device
         self._seen = 0
         self._pr_counts: torch.Tensor | None = None  # 2 x classes x thresholds: positives, negatives
@@ -94,6 +98,7 @@ class TensorBoard:
         self._keys = class_keys([str(c) for c in trainer.data.classes])
         self._correct, self._seen = torch.zeros((), dtype=torch.int64, device=trainer.device), 0
         self._first_batch_done = False
+        self._last_update = self._histogram_step = None
         if not trainer.is_main:
             return  # other ranks only count (training accuracy, PR histograms) for rank zero
         if self.log_dir is None and trainer.run_path is None:
@@ -145,6 +150,8 @@ class TensorBoard:
 
     @hookimpl
     def on_epoch_start(self, trainer: Trainer) -> None:
+        if self._last_update is None:  # the run's first epoch, or the first after a resume
+            self._last_update = trainer.state.step
         if trainer.is_main:
             self._writer(trainer)
 
@@ -161,30 +168,38 @@ class TensorBoard:
 
     @hookimpl
     def on_before_optimizer_step(self, trainer: Trainer) -> None:
-        # The step about to be taken is ``state.step + 1``: tag it so, like the weights after it.
-        if trainer.is_main and self._histograms_due(trainer, trainer.state.step + 1):
-            writer = self._writer(trainer)
-            for name, param in trainer.model.named_parameters():
-                if param.grad is not None:
-                    writer.add_histogram(f"grads/{name}", param.grad.detach(), trainer.state.step + 1)
+        # The training step under way is ``state.step + 1``: its gradients and, in
+        # on_batch_end, the weights they produce are tagged with it.
+        step = trainer.state.step + 1
+        previous, self._last_update = self._last_update, step
+        if not trainer.is_main or not self._histograms_due(trainer, step, previous):
+            return
+        self._histogram_step = step
+        writer = self._writer(trainer)
+        for name, param in trainer.model.named_parameters():
+            if param.grad is not None:
+                writer.add_histogram(f"grads/{name}", param.grad.detach(), step)
 
     @hookimpl
     def on_batch_end(self, trainer: Trainer, targets: torch.Tensor, outputs: torch.Tensor) -> None:
         assert self._correct is not None, "on_batch_end before on_fit_start"
         self._correct += (outputs.argmax(dim=1) == targets).sum()
         self._seen += targets.shape[0]
-        if trainer.is_main and self._histograms_due(trainer, trainer.state.step, finished=True):
+        if self._histogram_step is not None:
             writer = self._writer(trainer)
             for name, param in trainer.model.named_parameters():
-                writer.add_histogram(f"weights/{name}", param.detach(), trainer.state.step)
+                writer.add_histogram(f"weights/{name}", param.detach(), self._histogram_step)
+            self._histogram_step = None
 
-    def _histograms_due(self, trainer: Trainer, step: int, finished: bool = False) -> bool:
-        """Whether optimizer step ``step`` gets histograms; ``finished`` once
-        ``state.batch_idx`` already counts the current batch."""
+    def _histograms_due(self, trainer: Trainer, step: int, previous: int | None) -> bool:
+        """Whether the optimizer step of training step ``step`` gets histograms.
+        Under gradient accumulation (or after a skipped batch) a multiple of N
+        can fall between two optimizer steps: the one that passes it (after the
+        previous one, at step ``previous``) takes its place."""
         every = self.histogram_every_n_steps
         if every is None:  # the epoch's last step
-            return trainer.state.batch_idx + (0 if finished else 1) == len(trainer.train_batches)
-        return every > 0 and step % every == 0
+            return trainer.state.batch_idx + 1 == len(trainer.train_batches)
+        return every > 0 and step // every > (step - 1 if previous is None else previous) // every
 
     @hookimpl
     def on_train_log(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:

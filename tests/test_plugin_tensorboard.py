@@ -202,10 +202,15 @@ def test_histograms_at_each_epoch_end_by_default(finished: Finished) -> None:
             assert last.sum == pytest.approx(tensor.sum().item(), rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize(("every", "steps"), [(2, [2, 4, 6]), (0, [])])
-def test_histogram_interval_option(tmp_path: Path, every: int, steps: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("every", "accumulate", "steps"),
+    # 3 steps an epoch.  Accumulating 2 batches, the optimizer steps at steps 2, 3, 5 and 6:
+    # step 4 has no update, so the update at 5 takes its histograms.
+    [(2, 1, [2, 4, 6]), (0, 1, []), (2, 2, [2, 5, 6]), (3, 2, [3, 6])],
+)
+def test_histogram_interval_option(tmp_path: Path, every: int, accumulate: int, steps: list[int]) -> None:
     plugin = TensorBoard(histogram_every_n_steps=every, images=0, graph=False, pr_curves=False)
-    run_tiny({"tensorboard": plugin}, run_dir=tmp_path / "run")
+    run_tiny({"tensorboard": plugin}, run_dir=tmp_path / "run", accumulate_grad_batches=accumulate)
     reader = read_events(tmp_path / "run" / "tensorboard")
     if not steps:
         assert reader.Tags()["histograms"] == []
