@@ -7,7 +7,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 from trainer_core import UsageError, hookimpl
 from trainer_core.checkpointing import CHECKPOINT_FOLDER, LAST, load_checkpoint, save_checkpoint
@@ -23,6 +23,32 @@ log = logging.getLogger("trainer_core.checkpoint")
 # What every evaluation produces, so a monitor outside these is checkable at start-up
 # when no plugin adds metrics.
 CORE_METRICS = ("val/acc", "val/loss", "train/loss")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better: losses and errors (``mode = "auto"``)."""
+    return re.search("loss|err", metric) is not None
+
+
+def unknown_metric(option: str, metric: str, available: Sequence[str]) -> UsageError:
+    """The error for option ``option`` (``checkpoint.monitor``) naming a metric no evaluation produces."""
+    return UsageError(
+        f"{option}: no evaluation produces '{metric}'{did_you_mean(metric, available)}; "
+        f"available metrics: {', '.join(available)}"
+    )
+
+
+def check_monitor_at_start(trainer: Trainer, option: str, metric: str) -> None:
+    """Refuse an unknown ``metric`` before training when it is knowable: when no
+    plugin collects metrics, an evaluation produces only the core's."""
+    if metric not in CORE_METRICS and not trainer.pm.hook.collect_eval_metrics.get_hookimpls():
+        raise unknown_metric(option, metric, CORE_METRICS)
+
+
+def check_monitor(option: str, metric: str, metrics: Mapping[str, float]) -> None:
+    """Refuse ``metric`` when the evaluation ``metrics`` lack it."""
+    if metric not in metrics:
+        raise unknown_metric(option, metric, [k for k in metrics if k not in ("epoch", "step")])
 
 
 class Checkpoint:
@@ -57,7 +83,7 @@ class Checkpoint:
         if every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps must be >= 0, 0 for off (got {every_n_steps})")
         self.monitor = monitor
-        self.mode = mode if mode != "auto" else ("min" if re.search("loss|err", monitor) else "max")
+        self.mode = mode if mode != "auto" else ("min" if lower_is_better(monitor) else "max")
         self.save_top_k = save_top_k
         self.every_n_steps = every_n_steps
         self.restore_best = restore_best
@@ -78,21 +104,13 @@ class Checkpoint:
         if folder is None:
             raise UsageError("checkpoint: this run writes no run folder; set -o checkpoint.dirpath=FOLDER")
         self.folder = Path(folder)
-        if self.monitor not in CORE_METRICS and not trainer.pm.hook.collect_eval_metrics.get_hookimpls():
-            raise UsageError(self._unknown_monitor(CORE_METRICS))
-
-    def _unknown_monitor(self, available: tuple[str, ...] | list[str]) -> str:
-        return (
-            f"checkpoint.monitor: no evaluation produces '{self.monitor}'{did_you_mean(self.monitor, available)}; "
-            f"available metrics: {', '.join(available)}"
-        )
+        check_monitor_at_start(trainer, "checkpoint.monitor", self.monitor)
 
     # -- when to save --------------------------------------------------------
 
     @hookimpl
     def on_eval(self, metrics: Mapping[str, float]) -> None:
-        if self.monitor not in metrics:
-            raise UsageError(self._unknown_monitor([k for k in metrics if k not in ("epoch", "step")]))
+        check_monitor("checkpoint.monitor", self.monitor, metrics)
         self._score = float(metrics[self.monitor])
 
     @hookimpl

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
+from plugins.checkpoint import Checkpoint, check_monitor, check_monitor_at_start, lower_is_better
 from trainer_core import UsageError, hookimpl
 
 if TYPE_CHECKING:
     import torch
 
     from trainer_core import Trainer
+
+log = logging.getLogger("trainer_core.early_stopping")
 
 
 class EarlyStopping:
@@ -38,13 +42,13 @@ class EarlyStopping:
         :param restore_best_weights: load the best evaluation's weights when the run ends."""
         if patience < 1:
             raise ValueError(f"early-stopping.patience must be >= 1 (got {patience})")
-        if min_delta < 0:
+        if not min_delta >= 0:  # also refuses NaN
             raise ValueError(f"early-stopping.min_delta must be >= 0 (got {min_delta})")
         if not monitor:
             raise ValueError("early-stopping.monitor must name a metric, e.g. val/loss")
         self.monitor = monitor
         if mode == "auto":
-            mode = "min" if ("loss" in monitor or "err" in monitor) else "max"
+            mode = "min" if lower_is_better(monitor) else "max"
         self.mode = mode
         self.patience = patience
         self.min_delta = min_delta
@@ -68,23 +72,20 @@ class EarlyStopping:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
-        checkpoint = trainer.pm.get_plugin("checkpoint")
-        if self.restore_best_weights and getattr(checkpoint, "restore_best", False):
+        check_monitor_at_start(trainer, "early-stopping.monitor", self.monitor)
+        # By class, not by the name "checkpoint": a checkpoint plugin may be enabled under another name.
+        restorers = [trainer.pm.get_name(p) for p in trainer.pm.get_plugins() if isinstance(p, Checkpoint) and p.restore_best]
+        if self.restore_best_weights and restorers:
             # Both would load "best" weights at the end, maybe of different epochs, and the
             # last one called would win: an order-dependent result, so refuse it.
             raise UsageError(
-                "early-stopping.restore_best_weights and checkpoint.restore_best both restore weights when the run "
-                "ends; keep one: -o checkpoint.restore_best=false, or leave early-stopping.restore_best_weights off"
+                f"early-stopping.restore_best_weights and {restorers[0]}.restore_best both restore weights when the run "
+                f"ends; keep one: -o {restorers[0]}.restore_best=false, or leave early-stopping.restore_best_weights off"
             )
 
     @hookimpl
     def on_eval(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
-        if self.monitor not in metrics:
-            available = ", ".join(k for k in metrics if k not in ("epoch", "step"))
-            raise UsageError(
-                f"early-stopping.monitor '{self.monitor}' is not an evaluation metric of this run; "
-                f"available: {available} (plugins such as class-accuracy add more)"
-            )
+        check_monitor("early-stopping.monitor", self.monitor, metrics)
         value = float(metrics[self.monitor])
         if self.improved(value):
             self.best, self.best_epoch, self.wait = value, trainer.state.epoch, 0
@@ -128,6 +129,10 @@ class EarlyStopping:
     def load_plugin_state(self, trainer: Trainer, state: dict[str, Any]) -> None:
         if (state["monitor"], state["mode"]) != (self.monitor, self.mode):
             # A different metric or direction makes the saved best meaningless: start afresh.
+            log.warning(
+                "early-stopping: the resumed run watched %s (%s), this one watches %s (%s); patience starts afresh",
+                state["monitor"], state["mode"], self.monitor, self.mode,
+            )
             return
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
         if self.restore_best_weights:

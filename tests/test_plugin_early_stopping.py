@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from pathlib import Path
 
@@ -68,13 +70,20 @@ def test_nan_never_counts_as_improvement() -> None:
 
 def test_unknown_metric_is_a_usage_error_listing_the_available_ones() -> None:
     trainer = run_tiny(fit=False)
-    with pytest.raises(UsageError, match=r"'val/f1' is not an evaluation metric.*available: val/loss, val/acc"):
+    with pytest.raises(UsageError, match=r"early-stopping.monitor: no evaluation produces 'val/f1'.*; available metrics: val/loss, val/acc$"):
         EarlyStopping(monitor="val/f1").on_eval(trainer=trainer, metrics={"epoch": 1, "step": 3, "val/loss": 1.0, "val/acc": 0.5})
+
+
+def test_unknown_metric_fails_before_training_when_knowable(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"'val/accuracy' \(did you mean 'val/acc'\?\); available metrics: val/acc, val/loss"):
+        run_tiny({"early-stopping": EarlyStopping(monitor="val/accuracy")}, run_dir=tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 0
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"patience": 0}, "patience must be >= 1"), ({"min_delta": -1.0}, "min_delta must be >= 0"), ({"monitor": ""}, "monitor")],
+    [({"patience": 0}, "patience must be >= 1"), ({"min_delta": -1.0}, "min_delta must be >= 0"),
+     ({"min_delta": math.nan}, "min_delta must be >= 0"), ({"monitor": ""}, "monitor")],
 )
 def test_bad_options_are_rejected(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -145,11 +154,13 @@ def test_patience_survives_a_resume(tmp_path: Path) -> None:
     assert all(torch.equal(v, best[k]) for k, v in trainer.model.state_dict().items())
 
 
-def test_state_for_another_metric_is_ignored_on_resume() -> None:
+def test_state_for_another_metric_is_ignored_on_resume(caplog: pytest.LogCaptureFixture) -> None:
     first = run_tiny({"early-stopping": EarlyStopping(patience=3, **NEVER_IMPROVES)}, epochs=2)
     plugin = EarlyStopping(monitor="val/loss", patience=3)
-    plugin.load_plugin_state(trainer=first, state=first.checkpoint_state()["plugins"]["early-stopping"])
+    with caplog.at_level(logging.WARNING, logger="trainer_core"):
+        plugin.load_plugin_state(trainer=first, state=first.checkpoint_state()["plugins"]["early-stopping"])
     assert plugin.best is None and plugin.wait == 0
+    assert "watched val/acc (max), this one watches val/loss (min); patience starts afresh" in caplog.text
 
 
 def test_restoring_twice_with_the_checkpoint_plugin_is_refused(tmp_path: Path) -> None:
@@ -157,6 +168,10 @@ def test_restoring_twice_with_the_checkpoint_plugin_is_refused(tmp_path: Path) -
 
     plugins = {"checkpoint": Checkpoint(), "early-stopping": EarlyStopping(restore_best_weights=True)}
     with pytest.raises(UsageError, match="keep one: -o checkpoint.restore_best=false"):
+        run_tiny(plugins, run_dir=tmp_path / "run")
+    # Found by what it is, not by its name.
+    plugins = {"best-ckpt": Checkpoint(), "early-stopping": EarlyStopping(restore_best_weights=True)}
+    with pytest.raises(UsageError, match="and best-ckpt.restore_best both restore.*keep one: -o best-ckpt.restore_best=false"):
         run_tiny(plugins, run_dir=tmp_path / "run")
     # One restorer is fine, whichever it is.
     trainer = run_tiny({"checkpoint": Checkpoint(restore_best=False), "early-stopping": EarlyStopping(restore_best_weights=True)},

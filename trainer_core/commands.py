@@ -340,11 +340,12 @@ def _name(table: Any) -> str:
 
 def best_record(records: Sequence[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     """The record with the best finite ``metric``: lowest for losses and errors, highest otherwise."""
+    from plugins.checkpoint import lower_is_better  # the rule checkpoint and early-stopping rank by
+
     usable = [r for r in records if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     if not usable:
         return None
-    lower_is_better = "loss" in metric or "err" in metric
-    return (min if lower_is_better else max)(usable, key=lambda r: r[metric])
+    return (min if lower_is_better(metric) else max)(usable, key=lambda r: r[metric])
 
 
 def find_runs(folder: Path) -> list[Path]:
