@@ -26,9 +26,12 @@ class Progress:
         self.bar = bar
         self.interval = 1.0 / refresh_per_second
         self.stream: TextIO = sys.stdout
-        self._live = False
+        self._live = False  # drawing the bar (main process, a terminal or bar=on)
         self._next_draw = 0.0
-        self._loss: float | None = None
+        self._loss: float | None = None  # the latest logged training loss
+        self._steps_per_epoch = 0
+        self._started = 0.0
+        self._first_step = 0  # the step this run started (or resumed) from, for the rate and time left
 
     def _print(self, line: str) -> None:
         if self._live:
