@@ -143,8 +143,12 @@ class Checkpoint:
 
     @hookimpl(tryfirst=True)  # save the training state before any plugin swaps in other weights at the end
     def on_fit_end(self, trainer: Trainer) -> None:
-        if trainer.state.step != self._saved_step and trainer.state.step > 0:
-            self._save(trainer, best=None)  # stopped mid-epoch (a signal, a plugin): keep the progress
+        state = trainer.state
+        # Stopped part-way (a signal, a plugin) in training or before the epoch's evaluation:
+        # keep the progress.  An epoch that ended with a non-finite score stays unsaved.
+        cut_short = state.batch_idx < len(trainer.train_batches) or state.metrics.get("epoch") != state.epoch
+        if cut_short and state.step not in (self._saved_step, 0):
+            self._save(trainer, best=None)
         if self.restore_best and self.kept and self.folder is not None:
             best = self.kept[0]
             path = self.folder / best["file"]

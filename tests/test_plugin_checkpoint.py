@@ -122,6 +122,10 @@ def test_restore_best_off_keeps_the_last_weights(tmp_path: Path) -> None:
 def test_non_finite_score_never_replaces_a_checkpoint(tmp_path: Path) -> None:
     _, plugin, folder = scripted_run(tmp_path, [0.5, math.nan, 0.4], save_top_k=2, restore_best=False)
     assert files(folder) == ["best-epoch001-val_score0.5000.pt", "best-epoch003-val_score0.4000.pt", "last.pt"]
+    # Not at the end of the run either, when the last epoch is the non-finite one.
+    _, plugin, folder = scripted_run(tmp_path / "last-nan", [0.5, math.nan], restore_best=False)
+    assert files(folder) == ["best-epoch001-val_score0.5000.pt", "last.pt"]
+    assert load_checkpoint(folder / "last.pt")["state"]["step"] == 3
 
 
 def test_non_finite_weights_are_not_saved(tmp_path: Path) -> None:
