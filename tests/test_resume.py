@@ -19,6 +19,7 @@ from plugins.checkpoint import Checkpoint
 from plugins.freeze import Freeze
 from plugins.steplr import StepLR
 from test_plugin_checkpoint import Scripted
+from test_reliability import PoisonStep
 from trainer_core import RunConfig, Trainer, hookimpl, load_checkpoint
 from trainer_core.checkpointing import find_checkpoint
 from trainer_core.cli import make_cli
@@ -148,27 +149,15 @@ def test_mid_epoch_saves_wait_for_gradient_accumulation(tmp_path: Path, straight
     assert_same_run(reference, resumed)
 
 
-class Poison:
-    """Makes the loss of training step ``step`` NaN (its inputs), for ``nonfinite = "skip"`` to skip."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def on_batch_start(self, trainer: Trainer, inputs: torch.Tensor) -> None:
-        if trainer.state.step + 1 == self.step:
-            inputs.fill_(float("nan"))
-
-
 def test_mid_epoch_saves_wait_for_an_optimizer_step_after_a_skipped_batch(tmp_path: Path) -> None:
     """Accumulating 2 batches, step 5 skipped: step 4's gradients are still pending after it, so no save there."""
     settings: dict[str, Any] = dict(accumulate_grad_batches=2, nonfinite="skip")
-    reference = fit(tmp_path / "straight", 3, {**plugins(), "poison": Poison(5)}, **settings)
+    reference = fit(tmp_path / "straight", 3, {**plugins(), "poison": PoisonStep(5)}, **settings)
     assert reference.stepper.skipped == 1
     with pytest.raises(PluginError):
-        fit(tmp_path / "run", 3, {**plugins(every_n_steps=1), "poison": Poison(5), "kill": Kill(6)}, **settings)
+        fit(tmp_path / "run", 3, {**plugins(every_n_steps=1), "poison": PoisonStep(5), "kill": Kill(6)}, **settings)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == 3
-    resumed = fit(tmp_path / "run", 3, {**plugins(every_n_steps=1), "poison": Poison(5)}, resume=True, **settings)
+    resumed = fit(tmp_path / "run", 3, {**plugins(every_n_steps=1), "poison": PoisonStep(5)}, resume=True, **settings)
     assert_same_run(reference, resumed)
 
 
