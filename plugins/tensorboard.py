@@ -221,6 +221,21 @@ class TensorBoard:
             for index, group in enumerate(trainer.optimizer.param_groups):
                 writer.add_scalar(f"lr/group{index}", float(group["lr"]), step)
 
+    @hookimpl
+    def plugin_state_dict(self) -> dict[str, Any] | None:
+        # The current interval's counts (read back only when a checkpoint is written),
+        # so a run resumed mid-interval logs the same train/acc as one never stopped.
+        if self._correct is None:
+            return None
+        return {"correct": int(self._correct), "seen": self._seen}
+
+    @hookimpl
+    def load_plugin_state(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        # The checkpoint holds rank zero's counts; on the other ranks they would be counted twice.
+        if trainer.is_main and self._correct is not None:
+            self._correct.fill_(state["correct"])
+            self._seen = state["seen"]
+
     # -- evaluation -----------------------------------------------------------
 
     @hookimpl

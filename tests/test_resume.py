@@ -248,3 +248,21 @@ def test_checkpoint_of_another_class_count_names_the_keys(tmp_path: Path) -> Non
     assert str(info.value) == (
         "checkpoint does not fit this model (shape in checkpoint vs model: 4.weight (3, 16) vs (5, 16), 4.bias (3,) vs (5,)): "
         "resume with the same model and classes, or start from its weights with a new head with -o model.weights=PATH")
+
+
+def test_tensorboard_training_accuracy_is_exact_across_a_mid_interval_resume(tmp_path: Path) -> None:
+    """Saved at step 4 of the logging interval 4-6: the counts of step 4 travel in the checkpoint."""
+    from plugins.tensorboard import TensorBoard
+    from test_plugin_tensorboard import read_events, scalars
+
+    def board() -> dict[str, object]:
+        return {"tensorboard": TensorBoard(images=0, graph=False, pr_curves=False, histogram_every_n_steps=0)}
+
+    fit(tmp_path / "straight", 3, {**plugins(), **board()}, log_every_n_steps=3)
+    with pytest.raises(PluginError):
+        fit(tmp_path / "run", 3, {**plugins(every_n_steps=2), **board(), "kill": Kill(5)}, log_every_n_steps=3)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == 4
+    fit(tmp_path / "run", 3, {**plugins(every_n_steps=2), **board()}, resume=True, log_every_n_steps=3)
+    expected = scalars(read_events(tmp_path / "straight" / "tensorboard"), "train/acc")
+    assert [step for step, _ in expected] == [3, 6, 9]
+    assert scalars(read_events(tmp_path / "run" / "tensorboard"), "train/acc") == expected
