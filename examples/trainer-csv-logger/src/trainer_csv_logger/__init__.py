@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from trainer_core import UsageError, hookimpl
+from trainer_core.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from trainer_core import Trainer
@@ -87,17 +87,15 @@ class CsvLogger:
         return csv.DictWriter(handle, fieldnames=self.fields, delimiter=self.delimiter, restval="", lineterminator="\n")
 
     def _rewrite(self) -> None:
-        """Write the whole file through a temporary file, so a crash never leaves half of it."""
+        """Write the whole file atomically (the core's temporary file, fsync and
+        rename), so a crash never leaves half of it."""
         assert self.path is not None, "on_eval before on_fit_start"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        with open(temporary, "w", encoding="utf-8", newline="") as handle:
-            writer = self._writer(handle)
-            writer.writeheader()
-            writer.writerows(self.rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+        text = io.StringIO()
+        writer = self._writer(text)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_bytes(self.path, text.getvalue().encode("utf-8"))
 
     def _append(self, row: Mapping[str, str]) -> None:
         assert self.path is not None
