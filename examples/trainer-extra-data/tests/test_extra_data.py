@@ -71,6 +71,10 @@ def test_missing_and_malformed_files_are_one_line_errors(tmp_path: Path) -> None
     np.savez(tmp_path / "data.npz", x_train=np.zeros((3, 8, 8)), y_train=np.array([{"a": 1}] * 3, dtype=object))
     code, output = run_cli("--data-root", str(tmp_path), "--run-dir", str(tmp_path / "run"))
     assert code == 2 and "is not a readable .npz file" in output and "pickle" in output.lower()
+    np.savez(tmp_path / "data.npz", x_train=np.zeros((4, 8, 8)), y_train=np.arange(4), x_val=np.zeros((0, 8, 8)),
+             y_val=np.zeros(0, dtype=np.int64))
+    code, output = run_cli("--data-root", str(tmp_path), "--run-dir", str(tmp_path / "run"))
+    assert code == 2 and output.count("\n") == 0 and "data.npz: the validation split is empty" in output
     assert not (tmp_path / "run").exists()  # a bad command leaves nothing behind
 
 

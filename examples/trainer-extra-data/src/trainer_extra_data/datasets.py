@@ -54,6 +54,9 @@ def npz(
         held = max(1, int(len(train) * val_fraction))
         val = TensorSplit(train.inputs[order[:held]], train.targets[order[:held]])
         train = TensorSplit(train.inputs[order[held:]], train.targets[order[held:]])
+    for role, split in (("training", train), ("validation", val)):
+        if len(split) == 0:
+            raise ValueError(f"{path}: the {role} split is empty; the file needs images in it (or a larger x_train to hold out from)")
     count = int(max(train.targets.max(), val.targets.max())) + 1
     names = [str(n) for n in found["class_names"]] if "class_names" in found else [str(i) for i in range(count)]
     if len(names) < count:
