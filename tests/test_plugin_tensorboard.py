@@ -30,7 +30,7 @@ from plugins.tensorboard import PR_THRESHOLDS, TensorBoard
 from trainer_core import PluginError, UsageError, hookimpl
 from trainer_core.cli import make_cli
 from trainer_core.data import DataBundle, TensorSplit, epoch_order
-from trainer_core.testing import HookRecorder, run_tiny, tiny_data, tiny_model
+from trainer_core.testing import HookRecorder, run_tiny, tiny_model
 from trainer_core.trainer import Trainer
 
 

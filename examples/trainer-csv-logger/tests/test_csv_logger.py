@@ -76,7 +76,7 @@ def test_a_run_without_a_folder_needs_an_absolute_path(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="absolute"):
         CsvLogger().on_fit_start(trainer=run_tiny(fit=False))
     plugin = CsvLogger(filename=str(tmp_path / "elsewhere.csv"))
-    trainer = run_tiny({"csv-logger": plugin}, epochs=2)
+    run_tiny({"csv-logger": plugin}, epochs=2)
     assert [row["epoch"] for row in read(tmp_path / "elsewhere.csv")] == ["1", "2"]
 
 
