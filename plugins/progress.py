@@ -7,11 +7,13 @@ import time
 from typing import TYPE_CHECKING, Any, Literal, Mapping, TextIO
 
 from trainer_core import hookimpl
+from trainer_core.distributed import rank_zero_only
 
 if TYPE_CHECKING:
     from trainer_core import Trainer
 
 
+@rank_zero_only  # console output only: the other ranks of a distributed run need not call it at all
 class Progress:
     """Shows training progress and the final result on the console.
 

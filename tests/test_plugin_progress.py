@@ -8,6 +8,7 @@ import re
 import pytest
 
 from plugins.progress import Progress
+from trainer_core.distributed import is_rank_zero_only
 from trainer_core.testing import run_tiny
 
 CLEAR = "\r\x1b[2K"  # back to the line's start and erase it
@@ -55,6 +56,7 @@ def test_live_bar_is_throttled(refresh: float, draws: int) -> None:
 
 
 def test_nothing_printed_off_the_main_process() -> None:
+    assert is_rank_zero_only(Progress())  # a distributed run does not even register it on other ranks
     plugin = progress(bar="on")
     trainer = run_tiny({"progress": plugin}, epochs=1, fit=False)
     trainer.rank = 1
