@@ -143,3 +143,14 @@ def test_model_option_errors_on_the_command_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(make_cli(), ["run", "--model", "convnet", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2 and result.output.startswith("error: model 'convnet': convnet needs images of at least")
     assert not (tmp_path / "run").exists()
+
+
+def test_smallcnn_starts_from_another_runs_weights_with_a_new_head(tmp_path):
+    from plugins.models.smallcnn import build
+
+    source = build((1, 8, 8), 10)
+    torch.save(source.state_dict(), tmp_path / "digits.pt")
+    target = build((1, 8, 8), 3, weights=str(tmp_path / "digits.pt"))
+    assert torch.equal(target.features[0].weight, source.features[0].weight)
+    assert torch.equal(target.classifier[2].weight, source.classifier[2].weight)
+    assert target.classifier[4].weight.shape == (3, 128)  # the head for 3 classes starts fresh

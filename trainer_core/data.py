@@ -4,6 +4,11 @@ Small datasets live in memory as tensors and are batched by indexing with a
 permutation; larger ones are any ``torch.utils.data.Dataset`` and go through
 a ``DataLoader``.  Either way the order of an epoch depends only on the seed
 and the epoch number, so a resumed run sees the same batches.
+
+In a run of several processes (ranks) the training batch size is the global
+batch: every rank takes its contiguous part of each batch, so all ranks take
+the same steps and together see exactly what one process would.  Evaluation
+gives each rank a contiguous part of the split instead: every sample once.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from trainer_core.distributed import shard_bounds
 from trainer_core.errors import UsageError
 
 
@@ -77,6 +83,16 @@ class Batches:
 
     :param split: in-memory tensors or a ``Dataset``.
     :param shuffle: draw a new order each epoch (training) or keep the order (evaluation).
+    :param rank: this process's rank in a run of ``world_size`` processes.
+    :param world_size: training: ``batch_size`` (a multiple of it) is the
+        global batch, and this rank takes its part of every batch;
+        evaluation: this rank batches its part of the split.
+
+    :ivar uneven: ``(step, loss_scale, samples)`` when this rank's part of the
+        epoch's last, partial training batch is not its equal share, else
+        ``None``.  The loop scales that step's loss so that averaging the ranks'
+        gradients still weighs every sample of the batch once; an empty part
+        (fewer samples than ranks) holds one sample with scale 0.
     """
 
     def __init__(
@@ -91,6 +107,8 @@ class Batches:
         std: Sequence[float] | None = None,
         channels_last: bool = False,
         num_workers: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.batch_size = batch_size
         self.device = device
@@ -98,18 +116,29 @@ class Batches:
         self.seed = seed
         self.channels_last = channels_last
         self.size = len(split)  # type: ignore[arg-type]
+        self.rank, self.world_size = rank, world_size
+        self.uneven: tuple[int, float, int] | None = None
+        self.positions: torch.Tensor | None = None  # this rank's places in an epoch's order
+        if shuffle:
+            self.steps = math.ceil(self.size / batch_size)
+            self.share = batch_size // world_size
+            if world_size > 1:
+                self.positions = self._training_positions()
+        else:
+            self.first, self.stop = shard_bounds(self.size, rank, world_size)
+            self.steps = math.ceil((self.stop - self.first) / batch_size)
+            self.share = batch_size
         self.loader: DataLoader | None = None
         if isinstance(split, TensorSplit):
             # Held on the training device once, so a batch is an index, not a copy from the host.
             self.tensors: TensorSplit | None = TensorSplit(split.inputs.to(device), split.targets.to(device))
         else:
             self.tensors = None
-            self.sampler = EpochSampler(self.size, seed, shuffle)
+            self.sampler = EpochBatchSampler(self)
             workers = default_workers() if num_workers is None else num_workers
             self.loader = DataLoader(
                 ReadErrorsNamed(split),
-                batch_size=batch_size,
-                sampler=self.sampler,
+                batch_sampler=self.sampler,
                 num_workers=workers,
                 pin_memory=device.type == "cuda",
                 persistent_workers=workers > 0,  # workers outlive an epoch: no start-up cost per epoch
@@ -119,30 +148,48 @@ class Batches:
         self.std = torch.tensor(std, device=device).view(shape) if std is not None else None
 
     def __len__(self) -> int:
-        return math.ceil(self.size / self.batch_size)
+        """Steps per epoch: the same on every rank for training."""
+        return self.steps
+
+    def _training_positions(self) -> torch.Tensor:
+        """Where this rank's samples sit in an epoch's order, step after step
+        (the same every epoch): its part of each global batch."""
+        full = self.steps - 1
+        head = torch.arange(full)[:, None] * self.batch_size + self.rank * self.share + torch.arange(self.share)
+        last = full * self.batch_size
+        lo, hi = shard_bounds(self.size - last, self.rank, self.world_size)
+        if (hi - lo) * self.world_size != self.size - last:
+            self.uneven = (full, (hi - lo) * self.world_size / (self.size - last), hi - lo)
+        # An empty part (a last batch smaller than the number of ranks) holds that
+        # batch's first sample, weighted zero, so this rank still takes the step.
+        tail = torch.arange(last + lo, last + hi) if hi > lo else torch.tensor([last])
+        return torch.cat([head.flatten(), tail])
+
+    def local_order(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for ``epoch``, in the order of its steps."""
+        if not self.shuffle:
+            return torch.arange(self.first, self.stop)
+        order = epoch_order(self.size, self.seed, epoch)
+        return order if self.positions is None else order[self.positions]
 
     def iterate(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(inputs, targets)`` for ``epoch``, skipping the first ``start_batch`` batches."""
-        start = start_batch * self.batch_size
         if self.tensors is not None:
-            order = epoch_order(self.size, self.seed, epoch) if self.shuffle else None
-            yield from self._from_tensors(self.tensors, order, start)
+            yield from self._from_tensors(self.tensors, epoch, start_batch)
         else:
-            yield from self._from_loader(epoch, start)
+            yield from self._from_loader(epoch, start_batch)
 
-    def _from_tensors(
-        self, tensors: TensorSplit, order: torch.Tensor | None, start: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if order is not None:
-            order = order.to(self.device)
-        for first in range(start, self.size, self.batch_size):
-            if order is None:
-                inputs = tensors.inputs[first : first + self.batch_size]
-                targets = tensors.targets[first : first + self.batch_size]
-            else:
-                index = order[first : first + self.batch_size]
-                inputs, targets = tensors.inputs[index], tensors.targets[index]
-            yield self._normalise(inputs), targets
+    def _from_tensors(self, tensors: TensorSplit, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = self.share
+        if not self.shuffle:  # slices: views of the split, no copy
+            for first in range(self.first + start_batch * step, self.stop, step):
+                last = min(first + step, self.stop)
+                yield self._normalise(tensors.inputs[first:last]), tensors.targets[first:last]
+            return
+        order = self.local_order(epoch).to(self.device)
+        for first in range(start_batch * step, len(order), step):
+            index = order[first : first + step]
+            yield self._normalise(tensors.inputs[index]), tensors.targets[index]
 
     def _from_loader(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         assert self.loader is not None
@@ -190,23 +237,24 @@ class ReadErrorsNamed(Dataset):  # type: ignore[type-arg]
             raise UnreadableSample(f"cannot read {where} ({detail}); replace or remove it") from None
 
 
-class EpochSampler(Sampler[int]):
-    """The indices of one epoch in :func:`epoch_order`, from a start position.
+class EpochBatchSampler(Sampler[list[int]]):
+    """This rank's batches of one epoch (:meth:`Batches.local_order`), from a start step.
 
     The loop sets ``epoch`` and ``start`` before iterating, so one DataLoader
     (and its persistent workers) serves every epoch and a mid-epoch resume.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+    def __init__(self, batches: Batches) -> None:
+        self.batches = batches
         self.epoch, self.start = 0, 0
 
-    def __iter__(self) -> Iterator[int]:
-        order = epoch_order(self.size, self.seed, self.epoch) if self.shuffle else torch.arange(self.size)
-        return iter(order[self.start :].tolist())
+    def __iter__(self) -> Iterator[list[int]]:
+        order, step = self.batches.local_order(self.epoch).tolist(), self.batches.share
+        for first in range(self.start * step, len(order), step):
+            yield order[first : first + step]
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return len(self.batches) - self.start
 
 
 def default_workers() -> int:

@@ -237,6 +237,16 @@ def all_gather_object(obj: P) -> list[P]:
 # -- splitting data between ranks ---------------------------------------------
 
 
+def check_batch_size(batch_size: int) -> None:
+    """The global batch must split evenly over the ranks (each takes the same share of every step)."""
+    size = world_size()
+    if batch_size % size:
+        raise UsageError(
+            f"batch size {batch_size} is the global batch and must split evenly over {size} processes; "
+            f"use a multiple of {size}"
+        )
+
+
 def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
     """``[start, stop)`` of ``rank``'s part when ``size`` items are cut into
     ``world_size`` contiguous parts whose sizes differ by at most one (the
@@ -320,8 +330,10 @@ def launch(args: Sequence[str]) -> None:
 
     When a worker fails, torchrun stops the others; this raises a
     :class:`TrainerError` naming the rank that failed first with its own error
-    message, and exiting with that rank's exit status.
+    message, and exiting with that rank's exit status.  A SIGINT or SIGTERM
+    (which the workers receive as well, and stop on) exits with 128 + its number.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -336,6 +348,10 @@ def launch(args: Sequence[str]) -> None:
         run(parsed)
     except ChildFailedError as exc:
         raise worker_failure(exc) from None
+    except SignalException as exc:
+        # Ctrl-C or a scheduler's SIGTERM: the processes got it too and stopped
+        # together (rank zero said so); exit as a process ended by it does.
+        raise SystemExit(128 + int(exc.sigval)) from None
     finally:
         if threads_set:
             del os.environ["OMP_NUM_THREADS"]

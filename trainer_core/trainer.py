@@ -17,14 +17,14 @@ import pluggy
 import torch
 from torch import nn
 
-from trainer_core import __version__
+from trainer_core import __version__, distributed
 from trainer_core.checkpointing import FORMAT, save_checkpoint
 from trainer_core.config import RunConfig
 from trainer_core.data import Batches, DataBundle
 from trainer_core.errors import PluginError, TrainerError, UsageError
 from trainer_core.pluginmanager import call_each, hook_names, locate_fault, make_plugin_manager, register
 from trainer_core.rundir import RunDir
-from trainer_core.runtime import rng_state, select_device, set_rng_state
+from trainer_core.runtime import rng_state, seed_everything, select_device, set_rng_state
 from trainer_core.signals import StopOnSignal
 from trainer_core.state import TrainState
 from trainer_core.stepping import Stepper, autocast_for
@@ -67,7 +67,8 @@ class Trainer:
         self.pm = pm or make_plugin_manager()
         for name, plugin in (plugins or {}).items():
             register(self.pm, name, plugin)
-        self.device = select_device(self.config.device)
+        # Under torchrun: join the process group (if the caller has not) and take this rank's device.
+        self.device = distributed.init_for_library(select_device(self.config.device))
         self.model = model.to(self.device)
         self.data = data
         self.loss_fn: nn.Module = nn.CrossEntropyLoss()
@@ -75,8 +76,11 @@ class Trainer:
         self.state = TrainState()
         self.run_dir = run_dir
         self.resume = resume
-        self.rank, self.world_size = 0, 1
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.distributed = distributed.is_initialized()
         c = self.config
+        if self.distributed:
+            self._join_ranks()
         for split in ("train", "val"):
             if len(getattr(data, split)) == 0:
                 raise UsageError(f"the dataset's {split} split is empty")
@@ -85,12 +89,16 @@ class Trainer:
         # What runs the forward pass: the model itself, or its compiled form (same parameters).
         self.forward_model: nn.Module = torch.compile(self.model) if c.compile else self.model  # type: ignore[assignment]
         self.autocast = autocast_for(c.precision, self.device)
-        batching = dict(mean=data.mean, std=data.std, channels_last=c.channels_last, num_workers=c.num_workers)
+        batching = dict(mean=data.mean, std=data.std, channels_last=c.channels_last, num_workers=c.num_workers,
+                        rank=self.rank, world_size=self.world_size)
         self.train_batches = Batches(data.train, c.batch_size, self.device, shuffle=True, seed=c.seed, **batching)
         self.val_batches = Batches(data.val, c.batch_size, self.device, shuffle=False, **batching)
         self.stepper: Stepper | None = None
         self._compiling = c.compile
         self.signals = StopOnSignal(self.request_stop)
+        self.train_forward = self.forward_model  # what training calls: DistributedDataParallel's wrapper when distributed
+        self._wrapped: list[int] = []  # the trainable parameters DDP was built for
+        self._stop_vote: str | None = None  # a stop this rank asked for, not yet agreed with the others
         self._pending: list[torch.Tensor] = []  # detached batch losses since the last log
         self._pending_sizes: list[int] = []
         self._carried_loss, self._carried_samples = 0.0, 0  # an interval's part from before a resume
@@ -110,9 +118,28 @@ class Trainer:
         return self.run_dir.path if self.run_dir is not None else None
 
     def request_stop(self, reason: str) -> None:
-        """Ask the loop to stop after the current step (or at the end of the current epoch's evaluation)."""
+        """Ask the loop to stop after the current step (or at the end of the current epoch's evaluation).
+
+        In a run of several processes every rank must stop at the same step: the
+        request takes effect at the next training-loss log (``--log-every``) or
+        epoch end, on all ranks together, whichever rank asked.
+        """
+        if self.distributed:
+            self._stop_vote = self._stop_vote or reason
+            return
         self.state.should_stop = True
         self.state.stop_reason = reason
+
+    def all_reduce(self, tensor: torch.Tensor, op: distributed.ReduceOp = "sum") -> torch.Tensor:
+        """Combine ``tensor`` in place across the ranks of a distributed run
+        (``sum``, ``max`` or ``min``) and return it; in one process it is
+        returned as is.  Every rank must call it at the same point: a plugin
+        reduces what it gathered in ``on_eval_batch`` in ``collect_eval_metrics``."""
+        return distributed.all_reduce(tensor, op)
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (nothing in one process)."""
+        distributed.barrier()
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything the run's future depends on, keyed for :meth:`load_checkpoint_state`."""
@@ -131,9 +158,12 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: Path) -> None:
-        """Write :meth:`checkpoint_state` to ``path`` atomically (rank zero only)."""
+        """Write :meth:`checkpoint_state` to ``path`` atomically.  In a run of
+        several processes every rank calls it: rank zero writes, and all wait
+        until the file is complete."""
         if self.is_main:
             save_checkpoint(path, self.checkpoint_state())
+        distributed.barrier()
 
     def load_checkpoint_state(self, payload: Mapping[str, Any]) -> None:
         """Restore model, optimizer, progress, RNG and plugin state from a checkpoint."""
@@ -161,6 +191,8 @@ class Trainer:
         if self.stepper is not None and payload.get("stepper"):
             self.stepper.load_state_dict(payload["stepper"])
         set_rng_state(payload["rng"])
+        if self.rank > 0:  # the checkpoint holds rank zero's random state; the others start fresh streams
+            seed_everything(distributed.rank_seed(self.config.seed, self.rank) + self.state.step)
         if self._carried_samples and self.state.batch_idx % self.config.log_every_n_steps == 0:
             # Saved in on_batch_end of a logging step, before its log: emit that log now, as the first run did.
             self._log_interval()
@@ -203,6 +235,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise UsageError("the model has no trainable parameters (every parameter is frozen)")
+        if self.distributed:
+            self._wrap_for_ranks()
         self.optimizer = OPTIMIZERS[self.config.optimizer](params, self.config)
         self._hot = {name: self._caller(name) for name in hook_names()}
         self.stepper = Stepper(self.config, self.device, self.optimizer, self._hot["on_before_optimizer_step"])
@@ -219,6 +253,8 @@ class Trainer:
             if not self.evaluate():
                 break  # a signal cut the evaluation short
             self._emit("on_epoch_end", trainer=self, epoch=self.state.epoch)
+            if self.distributed:  # also waits for rank zero's end-of-epoch files (checkpoints)
+                self._agree()
         self._emit("on_fit_end", trainer=self)
 
     def _next_epoch(self) -> bool:
@@ -234,15 +270,19 @@ class Trainer:
         return True
 
     def _train_epoch(self) -> None:
-        hot, state, model, stepper = self._hot, self.state, self.forward_model, self.stepper
+        hot, state, stepper = self._hot, self.state, self.stepper
         assert stepper is not None
         batch_start, before_backward, batch_end = hot["on_batch_start"], hot["on_before_backward"], hot["on_batch_end"]
         log_every, last = self.config.log_every_n_steps, len(self.train_batches) - 1
+        uneven, scale, uneven_size = self.train_batches.uneven or (-1, 1.0, 0)
         first = state.batch_idx
         if first == 0:
             self._epoch_loss, self._epoch_samples = 0.0, 0
         self.model.train()
         self._emit("on_epoch_start", trainer=self, epoch=state.epoch)
+        if self.distributed and self._trainable() != self._wrapped:
+            self._wrap_for_ranks()  # a plugin (un)froze parameters: DDP must reduce the new set
+        model = self.train_forward
         started = time.perf_counter()
         for batch_idx, (inputs, targets) in enumerate(self.train_batches.iterate(state.epoch, first), first):
             if batch_start:
@@ -252,13 +292,13 @@ class Trainer:
                 loss = self.loss_fn(outputs, targets)
             if before_backward:
                 before_backward(trainer=self, loss=loss)
-            counted = stepper.backward_and_step(loss, batch_idx == last, self)
+            counted = stepper.backward_and_step(loss if batch_idx != uneven else loss * scale, batch_idx == last, self)
             state.step += 1
             state.batch_idx = batch_idx + 1
             loss = loss.detach()
             if counted:
                 self._pending.append(loss)
-                self._pending_sizes.append(targets.shape[0])
+                self._pending_sizes.append(targets.shape[0] if batch_idx != uneven else uneven_size)
             if self._compiling:  # the first step of a compiled model is mostly compilation
                 self._compiling = False
                 state.compile_seconds = time.perf_counter() - started
@@ -271,13 +311,16 @@ class Trainer:
                 break
         # The epoch's last, partial interval.  A run stopped mid-epoch keeps it pending (its
         # checkpoint carries it), so a resumed run logs the same intervals as one never stopped.
-        if self._interval_samples() and state.batch_idx == len(self.train_batches):
-            self._log_interval()
+        if (self._pending or self._carried_samples) and state.batch_idx == len(self.train_batches):
+            self._log_interval()  # (pending steps, not samples: the same on every rank, whose part may be empty)
         state.train_seconds += time.perf_counter() - started
 
     def _log_interval(self) -> None:
         """Read the interval's losses back (the one host sync) and emit ``on_train_log``."""
         total, samples = self._interval_loss_sum(), self._interval_samples()
+        if self.distributed:  # the part carried from a checkpoint is on every rank: count it once
+            reduced = self._agree(total - self._carried_loss, samples - self._carried_samples)
+            total, samples = self._carried_loss + reduced[0], self._carried_samples + int(reduced[1])
         self._pending.clear()
         self._pending_sizes.clear()
         self._carried_loss, self._carried_samples = 0.0, 0
@@ -315,16 +358,18 @@ class Trainer:
 
         Returns an empty mapping, recording nothing, when a signal arrives mid-evaluation.
         """
-        model = self.forward_model
+        model = self.forward_model  # never DDP's wrapper: evaluation needs no gradient reduction
         self.model.eval()
+        if self.distributed:  # batch-norm statistics drift apart per rank: evaluate rank zero's, the saved ones
+            distributed.broadcast_buffers(self.model)
         self._emit("on_eval_start", trainer=self)
         eval_batch = self._caller("on_eval_batch")
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         with torch.no_grad():
             for inputs, targets in self.val_batches.iterate():
-                if self.signals.received is not None:
-                    return {}
+                if self.signals.received is not None and not self.distributed:
+                    return {}  # (ranks stop together, at the epoch's end)
                 with self.autocast():
                     outputs = model(inputs)
                 loss_sum += self.loss_fn(outputs.float(), targets).double() * targets.shape[0]
@@ -332,6 +377,8 @@ class Trainer:
                 if eval_batch:
                     eval_batch(trainer=self, inputs=inputs, targets=targets, outputs=outputs)
         size = self.val_batches.size
+        if self.distributed:  # sums over the ranks' disjoint parts of the split, then divide
+            loss_sum, correct = distributed.all_reduce(torch.stack([loss_sum, correct.double()]))
         metrics: dict[str, float] = {
             "epoch": self.state.epoch,
             "step": self.state.step,
@@ -346,12 +393,53 @@ class Trainer:
                     raise PluginError(f"metric '{key}' is produced by both {producers[key]} and plugin '{plugin}'; rename one")
                 producers[key] = f"plugin '{plugin}'"
                 metrics[key] = float(value)
+        if self.distributed:  # rank zero's, also for metrics of its rank-zero-only plugins
+            metrics = distributed.broadcast_object(metrics)
         self.state.metrics = metrics
         self.state.history.append(metrics)
         if self.run_dir is not None and self.is_main:
             self.run_dir.append_metrics(metrics)
         self._emit("on_eval", trainer=self, metrics=metrics)
         return metrics
+
+    # -- several processes ---------------------------------------------------
+
+    def _join_ranks(self) -> None:
+        """Checks and settings of one rank of a distributed run."""
+        c = self.config
+        distributed.check_batch_size(c.batch_size)
+        if self.rank > 0:
+            for plugin in [p for p in self.pm.get_plugins() if distributed.is_rank_zero_only(p)]:
+                self.pm.unregister(plugin)
+        # Same initial weights everywhere (built before this), distinct random streams per rank.
+        seed_everything(distributed.rank_seed(c.seed, self.rank))
+
+    def _trainable(self) -> list[int]:
+        return [id(p) for p in self.model.parameters() if p.requires_grad]
+
+    def _wrap_for_ranks(self) -> None:
+        """Train through DistributedDataParallel, which averages gradients across
+        ranks during ``backward``.  ``self.model`` stays the plain module, so
+        plugins and checkpoints see the same parameter names in any world size."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        self.train_forward = torch.compile(wrapped) if self.config.compile else wrapped
+        self._wrapped = self._trainable()
+
+    def _agree(self, *sums: float) -> list[float]:
+        """Sum ``sums`` over the ranks and agree on a stop any rank asked for
+        (the ranks must stop at the same step)."""
+        values = torch.tensor([*sums, self._stop_vote is not None], dtype=torch.float64, device=self.device)
+        values = distributed.all_reduce(values).tolist()
+        if values[-1]:
+            reasons = distributed.all_gather_object(self._stop_vote)
+            rank_ = next(r for r, reason in enumerate(reasons) if reason is not None)
+            self.state.should_stop = True
+            self.state.stop_reason = reasons[rank_] if rank_ == 0 else f"{reasons[rank_]} (on rank {rank_})"
+            self._stop_vote = None
+        return values[:-1]
 
     # -- plumbing ------------------------------------------------------------
 
@@ -396,6 +484,7 @@ class Trainer:
             "compile_seconds": round(self.state.compile_seconds, 3) if self.config.compile else None,
             "skipped_steps": self.stepper.skipped if self.stepper is not None else 0,
             "device": str(self.device),
+            "processes": self.world_size,
             "versions": {"trainer-core": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from plugins.models.weights import load_local
+
 
 class SmallCNN(nn.Module):
     """Two 3x3 convolutions, pooling to 4x4, and a two-layer classifier head (``classifier``)."""
@@ -29,11 +31,18 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build(input_shape: tuple[int, ...], num_classes: int, width: int = 32, dropout: float = 0.25) -> nn.Module:
+def build(
+    input_shape: tuple[int, ...], num_classes: int, width: int = 32, dropout: float = 0.25, weights: str | None = None
+) -> nn.Module:
     """:param width: channels of the first convolution (the second has twice as many).
-    :param dropout: dropout before the classifier's first layer."""
+    :param dropout: dropout before the classifier's first layer.
+    :param weights: a state dict, checkpoint or run folder to start from; layers
+        of another shape (a head for another class count) start fresh."""
     if width < 1:
         raise ValueError(f"width must be >= 1 (got {width})")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1) (got {dropout})")
-    return SmallCNN(input_shape[0], num_classes, width=width, dropout=dropout)
+    model = SmallCNN(input_shape[0], num_classes, width=width, dropout=dropout)
+    if weights is not None:
+        load_local(model, "smallcnn", weights)
+    return model
