@@ -70,7 +70,10 @@ class ClassAccuracy:
     def on_fit_start(self, trainer: Trainer) -> None:
         self._classes = [str(name) for name in trainer.data.classes]
         if not self._classes:
-            raise UsageError("class-accuracy needs a dataset with class names (trainer.data.classes is empty)")
+            raise UsageError(
+                "class-accuracy needs the dataset's class names but trainer.data.classes is empty; "
+                "give the dataset's DataBundle its classes, or leave class-accuracy off"
+            )
         self._keys = class_keys(self._classes)
 
     @hookimpl

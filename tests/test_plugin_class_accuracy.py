@@ -206,3 +206,10 @@ def test_model_with_the_wrong_number_of_outputs_is_a_usage_error() -> None:
     # Five scores for three classes would silently count predictions 3 and 4 in the wrong cells.
     with pytest.raises(UsageError, match="class-accuracy: the model gives 5 scores per sample but the dataset has 3 classes"):
         run_tiny({"class-accuracy": ClassAccuracy()}, model=tiny_model(num_classes=5), epochs=1)
+
+
+def test_a_dataset_without_class_names_is_a_usage_error() -> None:
+    data = tiny_data()
+    data.classes = []
+    with pytest.raises(UsageError, match="trainer.data.classes is empty; give the dataset's DataBundle its classes"):
+        run_tiny({"class-accuracy": ClassAccuracy()}, data=data, model=tiny_model(), epochs=1)
