@@ -161,3 +161,14 @@ def test_training_throughput_is_recorded(tmp_path):
     assert summary["best"]["val/acc"]["value"] == max(
         json.loads(line)["val/acc"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     assert summary["versions"]["torch"] == torch.__version__
+
+
+@pytest.mark.slow
+def test_compile_trains_and_reports_compile_time_apart(tmp_path):
+    trainer = run_tiny(compile=True, epochs=3, run_dir=tmp_path / "run")
+    assert trainer.forward_model is not trainer.model  # the compiled wrapper runs the steps
+    assert trainer.state.metrics["val/acc"] >= 0.9
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["compile_seconds"] > 0 and summary["train_seconds"] > 0
+    # The first step (compilation) is not counted as training time.
+    assert summary["compile_seconds"] > summary["train_seconds"]
