@@ -40,7 +40,12 @@ def unknown_metric(option: str, metric: str, available: Sequence[str]) -> UsageE
 
 def check_monitor_at_start(trainer: Trainer, option: str, metric: str) -> None:
     """Refuse an unknown ``metric`` before training when it is knowable: when no
-    plugin collects metrics, an evaluation produces only the core's."""
+    plugin collects metrics, an evaluation produces only the core's.  Not in a
+    run of several processes: a rank-zero-only producer is missing on the other
+    ranks, which would refuse alone; the first evaluation's check (on metrics
+    every rank shares) decides there."""
+    if trainer.world_size > 1:
+        return
     if metric not in CORE_METRICS and not trainer.pm.hook.collect_eval_metrics.get_hookimpls():
         raise unknown_metric(option, metric, CORE_METRICS)
 

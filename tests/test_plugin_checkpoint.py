@@ -160,6 +160,17 @@ def test_unknown_monitor_fails_at_the_first_evaluation_with_metric_plugins(tmp_p
     assert summary["epochs"] == 1 and summary["status"] == "failed"
 
 
+def test_unknown_monitor_waits_for_the_shared_metrics_in_a_distributed_run(tmp_path: Path) -> None:
+    # On a rank other than zero a rank-zero-only metric producer is not registered: refusing
+    # there at start-up would stop that rank alone.  The evaluation's metrics are the same on every rank.
+    trainer = run_tiny(fit=False)
+    trainer.world_size = 2
+    plugin = Checkpoint(monitor="val/f1", dirpath=tmp_path)
+    plugin.on_fit_start(trainer=trainer)
+    with pytest.raises(UsageError, match="checkpoint.monitor: no evaluation produces 'val/f1'"):
+        plugin.on_eval(metrics={"epoch": 1, "step": 3, "val/loss": 1.0, "val/acc": 0.5})
+
+
 def test_unknown_monitor_on_the_command_line_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(make_cli(), [
         "run", "--dataset", "fake", "--epochs", "1", "-q", "--plugins", "checkpoint", "-o", "checkpoint.monitor=val_acc",
