@@ -394,3 +394,32 @@ def test_rank_zero_only_marker_and_single_process_helpers() -> None:
     assert trainer.all_reduce(counts) is counts and counts.tolist() == [1.0, 2.0]
     with pytest.raises(ValueError, match="all_reduce op must be one of"):
         trainer.all_reduce(counts, "mean")  # type: ignore[arg-type]
+
+
+def test_each_rank_names_itself_and_the_launcher_reports_the_rank_that_failed_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.distributed import DistBackendError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from trainer_core.distributed import record_error, worker_failure, worker_label, worker_message
+
+    assert worker_label() == "" and worker_message("x", DistBackendError("gone")) == "x"  # not under torchrun
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    files = []
+    # Rank 0 only lost its peers (recorded first), rank 1 raised, rank 2 was killed without a word.
+    for rank, exc in [(0, DistBackendError("Connection closed by peer")), (1, ValueError("bad value")), (2, None)]:
+        monkeypatch.setenv("RANK", str(rank))
+        files.append(tmp_path / f"error{rank}.json")
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(files[-1]))
+        if exc is not None:
+            message = worker_message(str(exc), exc)
+            assert worker_label() == f"rank {rank}: "
+            record_error(message, exc)
+    assert json.loads(files[0].read_text())["message"].startswith("another process of the run went away")
+    failures = {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file=str(files[rank]))
+                for rank, code in [(0, 1), (1, 2), (2, -9)]}
+    error = worker_failure(ChildFailedError("trainer_core", failures))
+    assert str(error) == "process rank 1 failed (exit status 2): bad value" and error.exit_code == 2
+    del failures[1]
+    assert str(worker_failure(ChildFailedError("trainer_core", failures))) == "process rank 2 failed (exit status -9): killed by SIGKILL"

@@ -62,8 +62,9 @@ def reports_errors(command: F) -> F:
 def echo_error(message: str, exc: BaseException) -> None:
     """Print ``error: message`` on stderr.  In one process of a distributed run,
     name its rank and leave the message for torchrun's failure report."""
-    from trainer_core.distributed import record_error, worker_label
+    from trainer_core.distributed import record_error, worker_label, worker_message
 
+    message = worker_message(message, exc)
     click.echo(f"error: {worker_label()}{message}", err=True)
     record_error(message, exc)
 

@@ -395,6 +395,14 @@ def record_error(message: str, exc: BaseException) -> None:
         pass  # the error is still printed; the file only improves torchrun's summary
 
 
+def worker_message(message: str, exc: BaseException) -> str:
+    """``message``, prefixed in a process that failed only because another
+    process of the run went away, so the reader looks for that one's error."""
+    if launched_by_torchrun() and lost_peer(exc):
+        return f"another process of the run went away (its own error says why): {message}"
+    return message
+
+
 def lost_peer(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is a collective failing because another rank is gone."""
     import torch.distributed as dist
