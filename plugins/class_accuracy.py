@@ -13,7 +13,6 @@ import sys
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, TextIO
 
 from trainer_core import UsageError, hookimpl
-from trainer_core.distributed import all_reduce
 from trainer_core.files import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -103,7 +102,7 @@ class ClassAccuracy:
             return None
         classes = len(self._classes)
         # Each rank counted its shard; every rank gets here at once (a collective).
-        self.confusion = all_reduce(self._counts).view(classes, classes).cpu()
+        self.confusion = trainer.all_reduce(self._counts).view(classes, classes).cpu()
         self._counts = None
         self.evaluated_at = {"epoch": trainer.state.epoch, "step": trainer.state.step}
         if trainer.is_main and trainer.run_path is not None and self.matrix_file:

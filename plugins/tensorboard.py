@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from plugins.class_accuracy import ClassAccuracy, class_keys
 from trainer_core import UsageError, hookimpl
-from trainer_core.distributed import all_reduce
 
 if TYPE_CHECKING:
     import torch
@@ -208,7 +207,7 @@ class TensorBoard:
         assert self._correct is not None, "on_train_log before on_fit_start"
         # The interval's one read-back: right and seen, summed over the ranks.
         counts = torch.stack([self._correct, self._correct.new_tensor(self._seen)])
-        right, seen = all_reduce(counts).tolist()
+        right, seen = trainer.all_reduce(counts).tolist()
         self._correct.zero_()
         self._seen = 0
         if not trainer.is_main:
@@ -271,7 +270,7 @@ class TensorBoard:
         # Not a producer: the one point after the last validation batch where
         # every rank is, to sum the PR histograms of all shards.
         if self._pr_counts is not None:
-            all_reduce(self._pr_counts)
+            trainer.all_reduce(self._pr_counts)
 
     @hookimpl
     def on_eval(self, trainer: Trainer, metrics: Mapping[str, Any]) -> None:
