@@ -38,10 +38,7 @@ def run(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subpro
 @pytest.mark.slow
 def test_csv_logger_package(tmp_path: Path) -> None:
     env = install("trainer-csv-logger", tmp_path)
-    listed = run(["-m", "trainer_core", "plugins"], env)
-    assert listed.returncode == 0, listed.stderr
-    row = listed.stdout.split("csv-logger  (trainer-csv-logger)  trainer_csv_logger:CsvLogger\n")[1].splitlines()
-    assert row[1].strip() == "hooks: load_plugin_state, on_eval, on_fit_start, plugin_state_dict"
+    # Its own tests list it with `trainer plugins` and run it with `trainer run` from the installed copy.
     tests = run(["-m", "pytest", "-q", "-p", "no:cacheprovider"], env, cwd=tmp_path / "trainer-csv-logger")
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     assert " passed" in tests.stdout and "failed" not in tests.stdout
@@ -50,9 +47,7 @@ def test_csv_logger_package(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_extra_data_package(tmp_path: Path) -> None:
     env = install("trainer-extra-data", tmp_path)
-    for kind, line in (("models", "logreg  (trainer-extra-data)"), ("datasets", "npz  (trainer-extra-data)")):
-        listed = run(["-m", "trainer_core", kind], env)
-        assert listed.returncode == 0 and line in listed.stdout, listed.stdout + listed.stderr
+    # Its own tests list both with `trainer models` / `trainer datasets` and train on an npz file.
     tests = run(["-m", "pytest", "-q", "-p", "no:cacheprovider"], env, cwd=tmp_path / "trainer-extra-data")
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     assert " passed" in tests.stdout and "failed" not in tests.stdout

@@ -113,7 +113,8 @@ def test_resume_drops_rows_written_after_the_checkpoint(tmp_path: Path) -> None:
 def test_the_command_line_lists_and_runs_the_plugin(tmp_path: Path) -> None:
     listed = subprocess.run([sys.executable, "-m", "trainer_core", "plugins"], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
-    assert "csv-logger  (trainer-csv-logger)  trainer_csv_logger:CsvLogger" in listed.stdout
+    row = listed.stdout.split("csv-logger  (trainer-csv-logger)  trainer_csv_logger:CsvLogger\n")[1].splitlines()
+    assert row[1].strip() == "hooks: load_plugin_state, on_eval, on_fit_start, plugin_state_dict"
     done = subprocess.run(
         [sys.executable, "-m", "trainer_core", "run", "--dataset", "fake", "--epochs", "2", "--quiet", "--device", "cpu",
          "--run-dir", str(tmp_path / "run"), "--plugins", "csv-logger", "-o", "csv-logger.columns=val/acc"],
