@@ -83,17 +83,21 @@ class Boom:
             raise RuntimeError(f"boom on rank {trainer.rank} at step {self.step}")
 '''
 
-# The job every run shares.  89 training samples in batches of 8: the last
-# batch holds one sample, so with 2 processes rank 1's part of it is empty
-# (padded, weighted zero); 45 validation samples: uneven shards of 23 and 22.
-# No dropout, so one process and two compute the same function.
+# The job every run shares.  91 training samples in batches of 8: the last
+# batch holds 3, split 2 + 1 between 2 processes and weighted so that each
+# sample counts once (unweighted, DDP's average of the two parts' means would
+# weigh the lone sample double); 45 validation samples: uneven shards of 23 and 22.
+# No dropout, so one process and two compute the same function.  The
+# convolutions stay frozen until epoch 3: the distributed runs must then
+# rebuild DDP to reduce their gradients too (or the ranks would drift apart).
 JOB = [
-    "--dataset", "fake", "-o", "dataset.train_size=89", "-o", "dataset.val_size=45", "-o", "dataset.num_classes=4",
+    "--dataset", "fake", "-o", "dataset.train_size=91", "-o", "dataset.val_size=45", "-o", "dataset.num_classes=4",
     "-o", "dataset.noise=2.0", "-o", "model.width=4", "-o", "model.dropout=0", "--batch-size", "8",
     "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--log-every", "1", "--seed", "3", "--quiet",
     # Every epoch's checkpoint is kept (save_top_k=-1): resumes start from epoch 2's.
     "--plugins", "checkpoint", "-o", "checkpoint.restore_best=false", "-o", "checkpoint.monitor=val/loss",
     "-o", "checkpoint.save_top_k=-1",
+    "--plugins", "freeze", "-o", "freeze.freeze=features", "-o", "freeze.unfreeze_at_epoch=3",
 ]
 # How far a 2-process run may drift from a 1-process run of the same job.  DDP
 # averages two half-batch gradients where one process takes one mean over the
@@ -225,7 +229,7 @@ def test_two_processes_follow_the_loss_curve_of_one(runs: dict[str, Path]) -> No
     assert [step for step, _, _ in one["losses"]] == [step for step, _, _ in two["losses"]]
     # The same samples in every step (the same global batch), the last one included.
     assert [n for _, _, n in one["losses"]] == [n for _, _, n in two["losses"]]
-    assert one["losses"][11][2] == 1
+    assert one["losses"][11][2] == 3
     for (step, a, _), (_, b, _) in zip(one["losses"], two["losses"]):
         assert b == pytest.approx(a, rel=RTOL), f"step {step}"
     two_weights = torch.load(epoch2(runs["root"] / "two"), weights_only=True)["model"]
@@ -284,6 +288,18 @@ def test_a_plugin_raising_on_rank_one_ends_the_run_with_its_error(site: Path, tm
     assert result.stderr.strip().splitlines()[-1] == f"error: process rank 1 failed (exit status 1): {message}"
     summary = tmp_path / "run" / "summary.json"
     assert not summary.exists() or json.loads(summary.read_text())["status"] != "completed"
+
+
+@pytest.mark.slow
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_the_run_folder(site: Path, tmp_path: Path) -> None:
+    result = run_processes(
+        ["-m", "trainer_core", "run", "--nproc-per-node", "2", *JOB, "--batch-size", "7", "--run-dir", str(tmp_path / "run")],
+        site,
+    )
+    message = "batch size 7 is the global batch and must split evenly over 2 processes; use a multiple of 2"
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: process rank 0 failed (exit status 2): {message}"
+    assert not (tmp_path / "run").exists()
 
 
 # -- pieces, in this process ----------------------------------------------------

@@ -26,6 +26,8 @@ from trainer_core.errors import TrainerError, UsageError
 if TYPE_CHECKING:
     import torch
 
+    from trainer_core.config import RunConfig
+
 BACKENDS = ("gloo", "nccl")
 BACKEND_ENV = "TRAINER_BACKEND"
 TIMEOUT_ENV = "TRAINER_DIST_TIMEOUT"
@@ -237,14 +239,21 @@ def all_gather_object(obj: P) -> list[P]:
 # -- splitting data between ranks ---------------------------------------------
 
 
-def check_batch_size(batch_size: int) -> None:
-    """The global batch must split evenly over the ranks (each takes the same share of every step)."""
+def check_config(config: RunConfig) -> None:
+    """Refuse settings a run of several processes cannot honour: a global
+    batch that does not split evenly over the ranks (each takes the same share
+    of every step), and skipping non-finite steps (each rank would decide
+    alone which steps to skip, and DDP would wait forever)."""
     size = world_size()
-    if batch_size % size:
+    if size == 1:
+        return
+    if config.batch_size % size:
         raise UsageError(
-            f"batch size {batch_size} is the global batch and must split evenly over {size} processes; "
+            f"batch size {config.batch_size} is the global batch and must split evenly over {size} processes; "
             f"use a multiple of {size}"
         )
+    if config.nonfinite == "skip":
+        raise UsageError("--nonfinite skip is not available in a run of several processes yet; use --nonfinite stop")
 
 
 def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:

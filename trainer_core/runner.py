@@ -16,7 +16,7 @@ from torch import nn
 
 from trainer_core.config import RunConfig
 from trainer_core.data import DataBundle
-from trainer_core.distributed import broadcast_object, check_batch_size, init_for_library, rank
+from trainer_core.distributed import broadcast_object, check_config, init_for_library, rank
 from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, Registry
 from trainer_core.errors import UsageError
 from trainer_core.options import bind_options
@@ -88,7 +88,7 @@ def build_run(
     """
     pm = pm or make_plugin_manager()
     init_for_library(select_device(config.device))  # joins torchrun's process group, if launched by it
-    check_batch_size(config.batch_size)
+    check_config(config)
     load_plugins(pm, config.plugins)
     data = load_dataset(config.dataset, config.dataset_options, config.data_root)
     seed_everything(config.seed)

@@ -407,7 +407,7 @@ class Trainer:
     def _join_ranks(self) -> None:
         """Checks and settings of one rank of a distributed run."""
         c = self.config
-        distributed.check_batch_size(c.batch_size)
+        distributed.check_config(c)
         if self.rank > 0:
             for plugin in [p for p in self.pm.get_plugins() if distributed.is_rank_zero_only(p)]:
                 self.pm.unregister(plugin)
