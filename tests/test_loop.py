@@ -172,3 +172,34 @@ def test_compile_trains_and_reports_compile_time_apart(tmp_path):
     assert summary["compile_seconds"] > 0 and summary["train_seconds"] > 0
     # The first step (compilation) is not counted as training time.
     assert summary["compile_seconds"] > summary["train_seconds"]
+
+
+def test_a_skipped_last_batch_still_steps_the_accumulated_gradients():
+    from trainer_core.data import epoch_order
+
+    data = tiny_data()
+    inputs = data.train.inputs.clone()
+    inputs[epoch_order(48, 0, 1)[40]] = float("nan")  # in epoch 1's last batch of 16
+    poisoned = DataBundle(TensorSplit(inputs, data.train.targets), data.val, data.classes, data.input_shape)
+    trainer = run_tiny(data=poisoned, nonfinite="skip", accumulate_grad_batches=4, epochs=1)
+    # Batches 1 and 2 were accumulated; the skipped third ends the epoch with their step, leaving no gradient behind.
+    assert trainer.stepper.skipped == 1
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_evaluating_mid_epoch_keeps_training_modes():
+    seen = []
+
+    class EvaluateEarly:
+        @hookimpl
+        def on_batch_end(self, trainer, batch_idx):
+            if batch_idx == 0:
+                trainer.model[1].eval()  # a layer a plugin keeps in eval mode, like frozen batch norm
+                trainer.evaluate()
+
+        @hookimpl
+        def on_batch_start(self, trainer, batch_idx):
+            seen.append((batch_idx, trainer.model.training, trainer.model[1].training))
+
+    run_tiny({"early": EvaluateEarly()}, epochs=1)
+    assert seen[1:] == [(1, True, False), (2, True, False)]

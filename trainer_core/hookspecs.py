@@ -120,7 +120,9 @@ def on_before_backward(trainer: Trainer, loss: torch.Tensor) -> None:
 @hookspec
 def on_before_optimizer_step(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
     """Called after ``loss.backward()`` and before ``optimizer.step()``: the
-    gradients are complete.  Clip, inspect or log gradients here.
+    gradients are complete (and unscaled under fp16).  Clip, inspect or log
+    gradients here.  Called only for batches that end in an optimizer step: with
+    gradient accumulation, once per ``accumulate_grad_batches`` batches.
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param optimizer: the optimizer about to step (also ``trainer.optimizer``).

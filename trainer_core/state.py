@@ -12,7 +12,8 @@ class TrainState:
     run with :meth:`Trainer.request_stop`, never by editing it.
 
     :ivar epoch: the current epoch, counted from 1 (0 before training).
-    :ivar step: optimizer steps taken since the run began.
+    :ivar step: training batches done since the run began (an optimizer step
+        follows every batch, or every ``accumulate_grad_batches`` batches).
     :ivar batch_idx: batches finished in the current epoch.
     :ivar metrics: the latest evaluation's merged metrics.
     :ivar history: every evaluation's metrics, oldest first.

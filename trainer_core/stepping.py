@@ -48,15 +48,17 @@ class Stepper:
         """Accumulate ``loss``'s gradients; step when enough batches are in (or the
         epoch ends).  Return ``False`` when the batch was skipped for a
         non-finite loss (only with ``nonfinite = "skip"``)."""
-        if self.skip_nonfinite and not bool(torch.isfinite(loss)):  # one host sync, only in skip mode
+        finite = not self.skip_nonfinite or bool(torch.isfinite(loss))  # one host sync, only in skip mode
+        if finite:
+            if self.accumulate > 1:
+                loss = loss / self.accumulate
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            self.waiting += 1
+        else:
             self.skipped += 1
-            return False
-        if self.accumulate > 1:
-            loss = loss / self.accumulate
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        self.waiting += 1
-        if self.waiting < self.accumulate and not last_batch:
-            return True
+        # A skipped last batch still steps what earlier batches accumulated: nothing carries into the next epoch.
+        if not self.waiting or (self.waiting < self.accumulate and not last_batch):
+            return finite
         self.waiting = 0
         optimizer = self.optimizer
         if self.scaler is not None:
@@ -71,7 +73,7 @@ class Stepper:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return True
+        return finite
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None, "skipped": self.skipped}

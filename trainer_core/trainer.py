@@ -359,6 +359,8 @@ class Trainer:
         Returns an empty mapping, recording nothing, when a signal arrives mid-evaluation.
         """
         model = self.forward_model  # never DDP's wrapper: evaluation needs no gradient reduction
+        # Called mid-epoch by a plugin, training must go on in the modes it had (frozen batch norm included).
+        modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         if self.distributed:  # batch-norm statistics drift apart per rank: evaluate rank zero's, the saved ones
             distributed.broadcast_buffers(self.model)
@@ -400,6 +402,8 @@ class Trainer:
         if self.run_dir is not None and self.is_main:
             self.run_dir.append_metrics(metrics)
         self._emit("on_eval", trainer=self, metrics=metrics)
+        for module, training in modes:
+            module.training = training
         return metrics
 
     # -- several processes ---------------------------------------------------
