@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from trainer_core.distributed import rank_zero_only
 from trainer_core.errors import PluginError, TrainerError, UsageError
 from trainer_core.hookspecs import hookspec
 from trainer_core.pluginmanager import hookimpl, make_plugin_manager
@@ -30,7 +31,8 @@ _LAZY = {
     "load_checkpoint": "trainer_core.checkpointing",
 }
 
-__all__ = ["PluginError", "TrainerError", "UsageError", "hookimpl", "hookspec", "make_plugin_manager", "__version__", *_LAZY]
+__all__ = ["PluginError", "TrainerError", "UsageError", "hookimpl", "hookspec", "make_plugin_manager", "rank_zero_only",
+           "__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from trainer_core.checkpointing import load_checkpoint, load_weights

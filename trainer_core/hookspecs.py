@@ -179,7 +179,9 @@ def on_eval_start(trainer: Trainer) -> None:
 @hookspec
 def on_eval_batch(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor) -> None:
     """Called for each validation batch, under ``torch.no_grad()``.
-    Metric collectors accumulate on the device here (no ``.item()``).
+    Metric collectors accumulate on the device here (no ``.item()``).  In a
+    run of several processes each sees only its own part of the split: reduce
+    in :func:`collect_eval_metrics`.
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param inputs: the batch's inputs, on the device.
@@ -196,7 +198,9 @@ def collect_eval_metrics(trainer: Trainer) -> Mapping[str, float] | None:
 
     The core merges every plugin's mapping with its own ``val/loss`` and
     ``val/acc``; two producers of the same name stop the run with an error
-    naming both.  Use names like ``val/acc/<class>``.
+    naming both.  Use names like ``val/acc/<class>``.  In a run of several
+    processes, sum what ``on_eval_batch`` collected with
+    ``trainer.all_reduce(tensor)`` here (on every rank), then divide.
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :return: a mapping of metric name to a Python number, or ``None``.
