@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 from trainer_core import UsageError, hookimpl
+from trainer_core.pluginmanager import unused_hooks
 from trainer_core.checkpointing import CHECKPOINT_FOLDER, LAST, load_checkpoint, save_checkpoint
 from trainer_core.suggest import did_you_mean
 
@@ -99,7 +100,8 @@ class Checkpoint:
         self._score: float | None = None  # the monitored value of the epoch's evaluation
         self._saved_step = -1  # the step ``last.pt`` holds
         self._due = False  # a mid-epoch save waits for the next optimizer step
-        self._optimizer_stepped = False  # between on_before_optimizer_step and the batch's on_batch_end
+        if not every_n_steps:
+            unused_hooks(self, "on_batch_end")  # no mid-epoch saves: nothing to do per step
 
     # -- start-up ------------------------------------------------------------
 
@@ -118,22 +120,15 @@ class Checkpoint:
         check_monitor("checkpoint.monitor", self.monitor, metrics)
         self._score = float(metrics[self.monitor])
 
-    @hookimpl
-    def on_before_optimizer_step(self) -> None:
-        self._optimizer_stepped = True
-
     @hookimpl(trylast=True)
-    def on_batch_end(self, trainer: Trainer) -> None:
-        stepped, self._optimizer_stepped = self._optimizer_stepped, False
-        if not self.every_n_steps:
-            return
+    def on_batch_end(self, trainer: Trainer, optimizer_stepped: bool) -> None:
         state = trainer.state
         self._due = self._due or state.step % self.every_n_steps == 0
         # Gradients being accumulated are not in a checkpoint: save right after an optimizer
         # step (not every k-th batch: a batch skipped for a non-finite loss shifts the steps).
         # The epoch's last batch is saved at on_epoch_end, after its evaluation:
         # a checkpoint there would resume past an evaluation that never happened.
-        if self._due and stepped and state.batch_idx < len(trainer.train_batches):
+        if self._due and optimizer_stepped and state.batch_idx < len(trainer.train_batches):
             self._save(trainer, best=None)
 
     @hookimpl(trylast=True)

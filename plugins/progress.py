@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any, Literal, Mapping, TextIO
 
 from trainer_core import hookimpl
+from trainer_core.pluginmanager import unused_hooks
 from trainer_core.distributed import rank_zero_only
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ class Progress:
         self.interval = 1.0 / refresh_per_second
         self.stream: TextIO = sys.stdout
         self._live = False  # drawing the bar (main process, a terminal or bar=on)
+        if bar == "off" or (bar == "auto" and not self.stream.isatty()):
+            unused_hooks(self, "on_batch_end")  # no bar to draw: plain lines cost nothing per step
         self._next_draw = 0.0
         self._loss: float | None = None  # the latest logged training loss
         self._steps_per_epoch = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainer_core import hookimpl
+from trainer_core.pluginmanager import unused_hooks
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +35,8 @@ class StepLR:
         self.gamma = gamma
         self.interval = interval
         self.scheduler: torch.optim.lr_scheduler.StepLR | None = None
-        self._optimizer_stepped = False  # between on_before_optimizer_step and the batch's on_batch_end
+        if interval == "epoch":
+            unused_hooks(self, "on_batch_end")  # a per-epoch schedule costs nothing per step
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -44,15 +46,10 @@ class StepLR:
         self.scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=self.step_size, gamma=self.gamma)
 
     @hookimpl
-    def on_before_optimizer_step(self) -> None:
-        # Only the core knows which batches end in an optimizer step (gradient
-        # accumulation, batches skipped for a non-finite loss): it says so here.
-        self._optimizer_stepped = True
-
-    @hookimpl
-    def on_batch_end(self) -> None:
-        stepped, self._optimizer_stepped = self._optimizer_stepped, False
-        if stepped and self.interval == "step" and self.scheduler is not None:
+    def on_batch_end(self, optimizer_stepped: bool) -> None:
+        # Batches that end in no optimizer step (gradient accumulation, a skipped
+        # non-finite loss) don't advance a per-step schedule.
+        if optimizer_stepped and self.scheduler is not None:
             self.scheduler.step()  # after optimizer.step(), as torch expects
 
     @hookimpl

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from plugins.class_accuracy import ClassAccuracy, class_keys
 from trainer_core import UsageError, hookimpl
+from trainer_core.pluginmanager import unused_hooks
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,7 @@ log = logging.getLogger("trainer_core")
 
 #: Thresholds of each precision-recall curve (TensorBoard's default).
 PR_THRESHOLDS = 127
+PENDING_LOGITS = 1 << 16  # logits per batch above which training accuracy is counted at once, not held
 
 
 class TensorBoard:
@@ -50,7 +52,7 @@ class TensorBoard:
         images: int = 64,
         graph: bool = True,
         pr_curves: bool = True,
-        histogram_every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = 0,
         confusion_image: bool = True,
         flush_secs: int = 30,
     ) -> None:
@@ -60,8 +62,8 @@ class TensorBoard:
         :param pr_curves: log a precision-recall curve per class at each evaluation.
         :param histogram_every_n_steps: weight and gradient histograms every N
             training steps (with gradient accumulation: at the optimizer step
-            that reaches or passes each multiple of N); unset: at the last step
-            of each epoch; 0: never.
+            that reaches or passes each multiple of N); ``none``: at the last
+            step of each epoch; 0 (the default): never.
         :param confusion_image: with class-accuracy on, show its confusion matrix as an image.
         :param flush_secs: most seconds events wait in memory before reaching the disk."""
         if images < 0:
@@ -85,6 +87,10 @@ class TensorBoard:
         self._histogram_step: int | None = None  # set when this batch's optimizer step gets histograms
         self._correct: torch.Tensor | None = None  # right training predictions since the last log, on the device
         self._seen = 0
+        # This interval's logits and targets, counted in one go at the next log instead of a few ops per step.
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if histogram_every_n_steps == 0:
+            unused_hooks(self, "on_before_optimizer_step")  # gradients are read only for histograms
         self._pr_counts: torch.Tensor | None = None  # 2 x classes x thresholds: positives, negatives
         self._keys: list[str] = []
 
@@ -97,6 +103,7 @@ class TensorBoard:
         self._keys = class_keys([str(c) for c in trainer.data.classes])
         self._correct, self._seen = torch.zeros((), dtype=torch.int64, device=trainer.device), 0
         self._first_batch_done = False
+        self._pending.clear()
         self._last_update = self._histogram_step = None
         if not trainer.is_main:
             return  # other ranks only count (training accuracy, PR histograms) for rank zero
@@ -155,17 +162,6 @@ class TensorBoard:
             self._writer(trainer)
 
     @hookimpl
-    def on_batch_start(self, trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        if self._first_batch_done or not trainer.is_main:
-            return
-        self._first_batch_done = True
-        writer = self._writer(trainer)
-        if self.images:
-            self._log_images(trainer, writer, inputs[: self.images])
-        if self.graph:
-            self._log_graph(trainer, writer, inputs[:1])
-
-    @hookimpl
     def on_before_optimizer_step(self, trainer: Trainer) -> None:
         # The training step under way is ``state.step + 1``: its gradients and, in
         # on_batch_end, the weights they produce are tagged with it.
@@ -180,15 +176,39 @@ class TensorBoard:
                 writer.add_histogram(f"grads/{name}", param.grad.detach(), step)
 
     @hookimpl
-    def on_batch_end(self, trainer: Trainer, targets: torch.Tensor, outputs: torch.Tensor) -> None:
-        assert self._correct is not None, "on_batch_end before on_fit_start"
-        self._correct += (outputs.argmax(dim=1) == targets).sum()
-        self._seen += targets.shape[0]
+    def on_batch_end(self, trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor) -> None:
+        if not self._first_batch_done:
+            self._log_first_batch(trainer, inputs)
+        self._pending.append((outputs, targets))
+        if outputs.numel() > PENDING_LOGITS:  # big logits: count now rather than hold many of them
+            self._count_pending()
         if self._histogram_step is not None:
             writer = self._writer(trainer)
             for name, param in trainer.model.named_parameters():
                 writer.add_histogram(f"weights/{name}", param.detach(), self._histogram_step)
             self._histogram_step = None
+
+    def _log_first_batch(self, trainer: Trainer, inputs: torch.Tensor) -> None:
+        self._first_batch_done = True
+        if not trainer.is_main:
+            return
+        writer = self._writer(trainer)
+        if self.images:
+            self._log_images(trainer, writer, inputs[: self.images])
+        if self.graph:
+            self._log_graph(trainer, writer, inputs[:1])
+
+    def _count_pending(self) -> None:
+        """Add the held logits' right predictions to the device-side count (no host sync)."""
+        import torch
+
+        assert self._correct is not None, "on_batch_end before on_fit_start"
+        if self._pending:
+            outputs = torch.cat([o for o, _ in self._pending])
+            targets = torch.cat([t for _, t in self._pending])
+            self._correct += (outputs.argmax(dim=1) == targets).sum()
+            self._seen += targets.shape[0]
+            self._pending.clear()
 
     def _histograms_due(self, trainer: Trainer, step: int, previous: int | None) -> bool:
         """Whether the optimizer step of training step ``step`` gets histograms.
@@ -205,6 +225,7 @@ class TensorBoard:
         import torch
 
         assert self._correct is not None, "on_train_log before on_fit_start"
+        self._count_pending()
         # The interval's one read-back: right and seen, summed over the ranks.
         counts = torch.stack([self._correct, self._correct.new_tensor(self._seen)])
         right, seen = trainer.all_reduce(counts).tolist()
@@ -226,6 +247,7 @@ class TensorBoard:
         # so a run resumed mid-interval logs the same train/acc as one never stopped.
         if self._correct is None:
             return None
+        self._count_pending()
         return {"correct": int(self._correct), "seen": self._seen}
 
     @hookimpl
@@ -335,7 +357,7 @@ class TensorBoard:
             grid = make_grid(images.clamp(0, 1), nrow=8)
         else:  # nothing to undo: stretch the batch's range to [0, 1]
             grid = make_grid(images, nrow=8, normalize=True)
-        writer.add_image("images/train_batch", grid.cpu(), trainer.state.step)
+        writer.add_image("images/train_batch", grid.cpu(), trainer.state.step - 1)  # the step before this batch's
 
     def _log_graph(self, trainer: Trainer, writer: SummaryWriter, example: torch.Tensor) -> None:
         import torch

@@ -124,3 +124,37 @@ def test_enabling_a_plugin_twice_is_refused():
     register(pm, "x", object())
     with pytest.raises(UsageError, match="plugin 'x' is enabled twice"):
         register(pm, "x", object())
+
+
+def test_unused_hooks_are_not_registered():
+    from trainer_core.pluginmanager import unused_hooks
+
+    class Both:
+        def __init__(self, per_step: bool) -> None:
+            if not per_step:
+                unused_hooks(self, "on_batch_end")
+
+        @hookimpl
+        def on_batch_end(self):
+            pass
+
+        @hookimpl
+        def on_eval(self):
+            pass
+
+    pm = make_plugin_manager()
+    register(pm, "idle", Both(per_step=False))
+    register(pm, "busy", Both(per_step=True))
+    assert [i.plugin_name for i in pm.hook.on_batch_end.get_hookimpls()] == ["busy"]
+    assert {i.plugin_name for i in pm.hook.on_eval.get_hookimpls()} == {"idle", "busy"}
+
+
+def test_built_ins_at_their_defaults_leave_one_per_step_hook():
+    # The per-step cost of turning every built-in on: tensorboard's training accuracy, nothing else.
+    pm = make_plugin_manager()
+    load_plugins(pm, {"tensorboard": {}, "steplr": {}, "checkpoint": {}, "class-accuracy": {}, "freeze": {},
+                      "early-stopping": {}, "progress": {"bar": "off"}})
+    per_step = {hook: [i.plugin_name for i in getattr(pm.hook, hook).get_hookimpls()]
+                for hook in ("on_batch_start", "on_before_backward", "on_before_optimizer_step", "on_batch_end")}
+    assert per_step == {"on_batch_start": [], "on_before_backward": [], "on_before_optimizer_step": [],
+                        "on_batch_end": ["tensorboard"]}

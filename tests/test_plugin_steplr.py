@@ -31,9 +31,8 @@ def test_decays_every_step_size_epochs() -> None:
     plugin = StepLR(step_size=2, gamma=0.5)
     trainer = started(plugin)
     seen = []
+    assert plugin.on_batch_end is None  # per-epoch mode: not even called per step
     for _ in range(5):
-        plugin.on_before_optimizer_step()
-        plugin.on_batch_end()  # per-epoch mode: steps do not count
         plugin.on_epoch_end()
         seen.append(trainer.optimizer.param_groups[0]["lr"])
     assert seen == [1.0, 0.5, 0.5, 0.25, 0.25]
@@ -43,9 +42,8 @@ def test_interval_step_counts_optimizer_steps() -> None:
     plugin = StepLR(step_size=3, gamma=0.1, interval="step")
     trainer = started(plugin)
     for batch in range(9):
-        if batch % 3 != 2:  # every third batch accumulates (or is skipped): no optimizer step
-            plugin.on_before_optimizer_step()
-        plugin.on_batch_end()
+        # every third batch accumulates (or is skipped): no optimizer step
+        plugin.on_batch_end(optimizer_stepped=batch % 3 != 2)
     plugin.on_epoch_end()  # per-step mode: epochs do not count
     assert plugin.scheduler.last_epoch == 6
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)

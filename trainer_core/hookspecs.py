@@ -138,9 +138,10 @@ def on_batch_end(
     targets: torch.Tensor,
     outputs: torch.Tensor,
     loss: torch.Tensor,
+    optimizer_stepped: bool,
 ) -> None:
-    """Called after the optimizer step of each training batch.
-    ``trainer.state.step`` already counts this step.
+    """Called after each training batch (and its optimizer step, if it had one).
+    ``trainer.state.step`` already counts this batch.
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param batch_idx: index of the batch within the epoch, from 0.
@@ -148,6 +149,9 @@ def on_batch_end(
     :param targets: the batch's class indices, on the device.
     :param outputs: the model's logits for the batch, detached.
     :param loss: the batch's mean loss, detached, on the device.
+    :param optimizer_stepped: whether the optimizer stepped after this batch
+        (not while gradients accumulate, nor for a batch skipped for a
+        non-finite loss).  Act "after each optimizer step" on this.
     :return: ignored.
     """
 

@@ -40,6 +40,17 @@ def implemented_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
     return sorted(found)
 
 
+def unused_hooks(plugin: object, *names: str) -> None:
+    """Leave the hooks ``names`` out when ``plugin`` is registered.
+
+    Call it from ``__init__`` for a per-step hook the plugin's options make
+    idle (a histogram hook with histograms off): an unregistered hook costs
+    nothing per step, a registered one costs a call even when it returns at once.
+    """
+    for name in names:
+        setattr(plugin, name, None)
+
+
 def check_plugin(pm: pluggy.PluginManager, name: str, plugin: object, origin: str) -> None:
     """Raise :class:`PluginError` if a hook implementation of ``plugin`` has a
     name that is not in the contract or takes an argument its spec does not offer."""

@@ -43,6 +43,7 @@ class Stepper:
         self.scaler = torch.amp.GradScaler(device.type) if config.precision == "16" else None
         self.waiting = 0  # batches whose gradients are accumulated but not yet stepped
         self.skipped = 0
+        self.stepped = False  # whether the last call ended in an optimizer step
 
     def backward_and_step(self, loss: torch.Tensor, last_batch: bool, trainer: Any) -> bool:
         """Accumulate ``loss``'s gradients; step when enough batches are in (or the
@@ -57,7 +58,8 @@ class Stepper:
         else:
             self.skipped += 1
         # A skipped last batch still steps what earlier batches accumulated: nothing carries into the next epoch.
-        if not self.waiting or (self.waiting < self.accumulate and not last_batch):
+        self.stepped = bool(self.waiting) and (self.waiting >= self.accumulate or last_batch)
+        if not self.stepped:
             return finite
         self.waiting = 0
         optimizer = self.optimizer

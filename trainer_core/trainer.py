@@ -304,7 +304,8 @@ class Trainer:
                 state.compile_seconds = time.perf_counter() - started
                 started = time.perf_counter()
             if batch_end:
-                batch_end(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets, outputs=outputs.detach(), loss=loss)
+                batch_end(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets, outputs=outputs.detach(),
+                          loss=loss, optimizer_stepped=stepper.stepped)
             if state.batch_idx % log_every == 0:
                 self._log_interval()
             if state.should_stop:
