@@ -373,6 +373,7 @@ BUILTINS = ["progress", "tensorboard", "class-accuracy", "steplr", "checkpoint",
 def test_with_every_builtin_in_any_order(tmp_path: Path) -> None:
     orders = [BUILTINS, BUILTINS[::-1], BUILTINS[3:] + BUILTINS[:3]]
     options = ["-o", "steplr.step_size=1", "-o", "steplr.gamma=0.5", "-o", "freeze.unfreeze_at_epoch=2",
+               "-o", "tensorboard.histogram_every_n_steps=none",
                "-o", "checkpoint.monitor=val/acc/class0", "-o", "checkpoint.restore_best=false"]
     results = []
     for index, order in enumerate(orders):
@@ -474,7 +475,7 @@ def distributed_worker(rank: int, world_size: int, folder: str) -> None:
         for plugin in (board, classes):
             plugin.on_fit_start(trainer=trainer)
         for targets, outputs in shard_batches(rank, seed=1):
-            board.on_batch_end(trainer=trainer, targets=targets, outputs=outputs)
+            board.on_batch_end(trainer=trainer, inputs=outputs, targets=targets, outputs=outputs)
         trainer.state.step = 4
         board.on_train_log(trainer=trainer, metrics={"train/loss": 1.0, "train/samples": 13.0, "lr": 0.05})
         board.on_eval_start(trainer=trainer)
