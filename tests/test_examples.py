@@ -36,18 +36,10 @@ def run(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subpro
 
 
 @pytest.mark.slow
-def test_csv_logger_package(tmp_path: Path) -> None:
-    env = install("trainer-csv-logger", tmp_path)
-    # Its own tests list it with `trainer plugins` and run it with `trainer run` from the installed copy.
-    tests = run(["-m", "pytest", "-q", "-p", "no:cacheprovider"], env, cwd=tmp_path / "trainer-csv-logger")
-    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
-    assert " passed" in tests.stdout and "failed" not in tests.stdout
-
-
-@pytest.mark.slow
-def test_extra_data_package(tmp_path: Path) -> None:
-    env = install("trainer-extra-data", tmp_path)
-    # Its own tests list both with `trainer models` / `trainer datasets` and train on an npz file.
-    tests = run(["-m", "pytest", "-q", "-p", "no:cacheprovider"], env, cwd=tmp_path / "trainer-extra-data")
+@pytest.mark.parametrize("package", ["trainer-csv-logger", "trainer-extra-data"])
+def test_example_package_passes_its_own_tests(tmp_path: Path, package: str) -> None:
+    env = install(package, tmp_path)
+    # Its own tests list what it adds (`trainer plugins` / `models` / `datasets`) and train with it.
+    tests = run(["-m", "pytest", "-q", "-p", "no:cacheprovider"], env, cwd=tmp_path / package)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     assert " passed" in tests.stdout and "failed" not in tests.stdout

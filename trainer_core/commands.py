@@ -287,7 +287,7 @@ def _read_json(path: Path) -> Any:
 def describe_run(folder: Path, metric: str) -> dict[str, Any]:
     """One row of ``trainer runs``: what a run folder says about its run."""
     from trainer_core.config import tomllib
-    from trainer_core.rundir import CONFIG, LOCK, METRICS, SUMMARY, _lock_is_stale
+    from trainer_core.rundir import CONFIG, LOCK, METRICS, SUMMARY, lock_is_stale
 
     try:
         config = tomllib.loads((folder / CONFIG).read_text(encoding="utf-8"))
@@ -309,7 +309,7 @@ def describe_run(folder: Path, metric: str) -> dict[str, Any]:
         duration = summary.get("duration_s")
     else:
         lock = folder / LOCK
-        status = "running" if lock.exists() and not _lock_is_stale(lock) else "incomplete"
+        status = "running" if lock.exists() and not lock_is_stale(lock) else "incomplete"
         duration = None
     return {
         "name": folder.name,

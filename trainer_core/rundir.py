@@ -61,7 +61,7 @@ class RunDir:
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                if _lock_is_stale(lock):
+                if lock_is_stale(lock):
                     with contextlib.suppress(FileNotFoundError):
                         lock.unlink()
                     continue
@@ -125,7 +125,7 @@ def _step(line: str) -> int | None:
         return None
 
 
-def _lock_is_stale(lock: Path) -> bool:
+def lock_is_stale(lock: Path) -> bool:
     """A lock whose process is gone was left by a killed run."""
     try:
         pid = int(lock.read_text().strip() or 0)
