@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -27,6 +26,7 @@ from trainer_core.rundir import RunDir
 from trainer_core.runtime import rng_state, seed_everything, select_device, set_rng_state
 from trainer_core.signals import StopOnSignal
 from trainer_core.state import TrainState
+from trainer_core.summary import run_summary
 from trainer_core.stepping import Stepper, autocast_for
 
 log = logging.getLogger("trainer_core")
@@ -222,7 +222,7 @@ class Trainer:
             if self.run_dir is not None:
                 try:
                     if self.is_main:
-                        self.run_dir.write_summary(self.summary(status, time.perf_counter() - started, error))
+                        self.run_dir.write_summary(run_summary(self, status, time.perf_counter() - started, error))
                 except TrainerError as exc:  # a full disk: the run's own error, if any, says more
                     if error is None:
                         raise
@@ -464,34 +464,6 @@ class Trainer:
                 impl.function(**{a: kwargs[a] for a in impl.argnames})
             except Exception as inner:  # must not hide the exception that ended the run
                 log.warning("plugin '%s' failed in on_exception: %s: %s", impl.plugin_name, type(inner).__name__, inner)
-
-    def summary(self, status: str, duration: float, error: str | None = None) -> dict[str, Any]:
-        """What ``summary.json`` holds: final and best metrics, timing, versions."""
-        history = self.state.history
-        best = {}
-        for key, pick in (("val/acc", max), ("val/loss", min)):
-            values = [m for m in history if key in m and math.isfinite(m[key])]
-            if values:
-                chosen = pick(values, key=lambda m: m[key])
-                best[key] = {"value": chosen[key], "epoch": chosen["epoch"], "step": chosen["step"]}
-        seconds = self.state.train_seconds
-        return {
-            "status": status,
-            "stop_reason": self.state.stop_reason,
-            "error": error,
-            "epochs": self.state.epoch,
-            "steps": self.state.step,
-            "final": self.state.metrics,
-            "best": best,
-            "duration_s": round(duration, 3),
-            "train_seconds": round(seconds, 3),
-            "samples_per_s": round(self.state.train_samples / seconds, 1) if seconds > 0 else None,
-            "compile_seconds": round(self.state.compile_seconds, 3) if self.config.compile else None,
-            "skipped_steps": self.stepper.skipped if self.stepper is not None else 0,
-            "device": str(self.device),
-            "processes": self.world_size,
-            "versions": {"trainer-core": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        }
 
 
 def _misfit(own: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> str:
