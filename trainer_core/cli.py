@@ -228,10 +228,17 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         backend = settings.pop("backend")
         if launcher["nproc_per_node"] is not None:
             ctx = click.get_current_context()
-            distributed.launch(distributed.torchrun_args(
+            torchrun = distributed.torchrun_args(
                 launcher["nproc_per_node"], worker_args(ctx, LAUNCHER_OPTIONS), nnodes=launcher["nnodes"] or 1,
                 node_rank=launcher["node_rank"], rdzv_endpoint=launcher["rdzv_endpoint"],
-            ))
+            )
+            # Refuse what the processes would refuse before starting them: one clear error, not N racing ones.
+            wanted = {key: value for key, value in settings.items() if key != "recipe"}
+            distributed.check_config(
+                resolve_config(recipe_or_config(settings["recipe"], config_file), wanted, plugins, overrides),
+                size=launcher["nproc_per_node"] * (launcher["nnodes"] or 1),
+            )
+            distributed.launch(torchrun)
             return
         distributed.check_worker_options(launcher, backend)
 

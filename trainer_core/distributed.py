@@ -239,12 +239,12 @@ def all_gather_object(obj: P) -> list[P]:
 # -- splitting data between ranks ---------------------------------------------
 
 
-def check_config(config: RunConfig) -> None:
-    """Refuse settings a run of several processes cannot honour: a global
-    batch that does not split evenly over the ranks (each takes the same share
-    of every step), and skipping non-finite steps (each rank would decide
-    alone which steps to skip, and DDP would wait forever)."""
-    size = world_size()
+def check_config(config: RunConfig, size: int | None = None) -> None:
+    """Refuse settings a run of ``size`` processes (default: this run's) cannot
+    honour: a global batch that does not split evenly over the ranks (each
+    takes the same share of every step), and skipping non-finite steps (each
+    rank would decide alone which steps to skip, and DDP would wait forever)."""
+    size = world_size() if size is None else size
     if size == 1:
         return
     if config.batch_size % size:
