@@ -271,6 +271,11 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
                 click.get_current_context().call_on_close(distributed.shutdown)
         trainer = build_run(config, pm=pm_factory(), resume=resume, run_path=run_path, overwrite=overwrite)
         state = trainer.fit()
+        if trainer.distributed:
+            # Every rank done before any leaves, and DDP's wrapper gone before the process
+            # group: torn down in the other order, gloo can abort a rank at exit.
+            trainer.barrier()
+            trainer.train_forward = trainer.forward_model
         if not quiet and trainer.is_main:
             click.echo(f"run folder: {trainer.run_path}")
         if state.stop_reason and trainer.is_main:
