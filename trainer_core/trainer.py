@@ -243,6 +243,7 @@ class Trainer:
         self._emit("on_fit_start", trainer=self)
         if self.resume is not None:
             self.load_checkpoint_state(self.resume)
+            self.resume = None  # restored: no second copy of the weights and optimizer state for the whole run
             if self.run_dir is not None and self.is_main:
                 self.run_dir.truncate_metrics(self.state.step)
         while not self.state.should_stop and self._next_epoch():
