@@ -158,3 +158,61 @@ def test_built_ins_at_their_defaults_leave_one_per_step_hook():
                 for hook in ("on_batch_start", "on_before_backward", "on_before_optimizer_step", "on_batch_end")}
     assert per_step == {"on_batch_start": [], "on_before_backward": [], "on_before_optimizer_step": [],
                         "on_batch_end": ["tensorboard"]}
+
+
+def test_direct_caller_calls_in_pluggys_order_with_the_arguments_each_asks_for():
+    from trainer_core.pluginmanager import direct_caller
+
+    calls = []
+
+    def plugin(label, **marks):
+        class P:
+            @hookimpl(**marks)
+            def on_batch_end(self, batch_idx, loss):
+                calls.append((label, batch_idx, loss))
+                return label  # results are discarded, as the loop ignores them
+        return P()
+
+    class OnlyTargets:
+        @hookimpl
+        def on_batch_end(self, targets):
+            calls.append(("targets", targets))
+
+    pm = make_plugin_manager()
+    for name, p in [("first", plugin("first")), ("late", plugin("late", trylast=True)),
+                    ("second", plugin("second")), ("early", plugin("early", tryfirst=True)),
+                    ("targets", OnlyTargets())]:
+        register(pm, name, p)
+    kwargs = dict(trainer=None, batch_idx=3, inputs=None, targets="t", outputs=None, loss=0.5, optimizer_stepped=True)
+    pm.hook.on_batch_end(**kwargs)
+    through_pluggy, calls[:] = list(calls), []
+    assert direct_caller(pm, "on_batch_end")(**kwargs) is None
+    assert calls == through_pluggy
+    assert [c[0] for c in calls] == ["early", "targets", "second", "first", "late"]
+    assert direct_caller(pm, "on_batch_start") is None  # no implementation: nothing to call
+
+
+def test_direct_caller_leaves_wrappers_to_pluggy():
+    from trainer_core.pluginmanager import direct_caller
+
+    seen = []
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def on_batch_end(self, batch_idx):
+            seen.append(("before", batch_idx))
+            result = yield
+            seen.append(("after", batch_idx))
+            return result
+
+    class Plain:
+        @hookimpl
+        def on_batch_end(self, batch_idx):
+            seen.append(("plain", batch_idx))
+
+    pm = make_plugin_manager()
+    register(pm, "plain", Plain())
+    register(pm, "wrapper", Wrapper())
+    direct_caller(pm, "on_batch_end")(trainer=None, batch_idx=1, inputs=None, targets=None, outputs=None,
+                                      loss=None, optimizer_stepped=True)
+    assert seen == [("before", 1), ("plain", 1), ("after", 1)]

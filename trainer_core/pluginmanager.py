@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pluggy
 
@@ -104,6 +104,32 @@ def call_each(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> dict[str, A
     for impl in getattr(pm.hook, hook).get_hookimpls():
         results[impl.plugin_name] = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
     return results
+
+
+def direct_caller(pm: pluggy.PluginManager, hook: str) -> Callable[..., None] | None:
+    """A caller for a per-step ``hook`` that costs as little as a plain call.
+
+    ``None`` when no plugin implements it (an unused hook costs one truth test).
+    Otherwise a function taking the hook's keyword arguments that calls each
+    implementation in pluggy's order (``tryfirst``/``trylast``, then the last
+    registered first), passing only the arguments each asks for, and discards
+    the results.  pluggy's own call costs ~2 us more per step, which a 0.3 ms
+    training step notices.  A wrapper, or an argument with a default, needs
+    pluggy's machinery: then the hook's pluggy caller is returned as it is.
+    """
+    caller = getattr(pm.hook, hook)
+    impls = caller.get_hookimpls()
+    if not impls:
+        return None
+    if any(impl.hookwrapper or impl.wrapper or impl.kwargnames for impl in impls):
+        return caller
+    calls = [(impl.function, impl.argnames) for impl in reversed(impls)]
+
+    def call(**kwargs: Any) -> None:
+        for function, argnames in calls:
+            function(*[kwargs[name] for name in argnames])
+
+    return call
 
 
 def locate_fault(pm: pluggy.PluginManager, tb: TracebackType | None) -> tuple[str, str] | None:

@@ -21,7 +21,7 @@ from trainer_core.checkpointing import FORMAT, save_checkpoint
 from trainer_core.config import RunConfig
 from trainer_core.data import Batches, DataBundle
 from trainer_core.errors import PluginError, TrainerError, UsageError
-from trainer_core.pluginmanager import call_each, hook_names, locate_fault, make_plugin_manager, register
+from trainer_core.pluginmanager import call_each, direct_caller, hook_names, locate_fault, make_plugin_manager, register
 from trainer_core.rundir import RunDir
 from trainer_core.runtime import rng_state, seed_everything, select_device, set_rng_state
 from trainer_core.signals import StopOnSignal
@@ -238,7 +238,7 @@ class Trainer:
         if self.distributed:
             self._wrap_for_ranks()
         self.optimizer = OPTIMIZERS[self.config.optimizer](params, self.config)
-        self._hot = {name: self._caller(name) for name in hook_names()}
+        self._hot = {name: direct_caller(self.pm, name) for name in hook_names()}
         self.stepper = Stepper(self.config, self.device, self.optimizer, self._hot["on_before_optimizer_step"])
         self._emit("on_fit_start", trainer=self)
         if self.resume is not None:
@@ -367,7 +367,7 @@ class Trainer:
         if self.distributed:  # batch-norm statistics drift apart per rank: evaluate rank zero's, the saved ones
             distributed.broadcast_buffers(self.model)
         self._emit("on_eval_start", trainer=self)
-        eval_batch = self._caller("on_eval_batch")
+        eval_batch = direct_caller(self.pm, "on_eval_batch")
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         with torch.no_grad():
@@ -448,12 +448,6 @@ class Trainer:
         return values[:-1]
 
     # -- plumbing ------------------------------------------------------------
-
-    def _caller(self, name: str) -> Any:
-        """The hook caller for ``name``, or ``None`` when no plugin implements it,
-        so an unused hook costs one truth test per step."""
-        caller = getattr(self.pm.hook, name)
-        return caller if caller.get_hookimpls() else None
 
     def _emit(self, name: str, **kwargs: Any) -> None:
         getattr(self.pm.hook, name)(**kwargs)
