@@ -4,8 +4,11 @@ Scalars at the core's logging interval and at each evaluation, one image grid
 of a training batch, the model graph, a precision-recall curve per class from
 the true labels at each evaluation, weight and gradient histograms at an
 interval, and hparams with the final metrics.  Nothing is read back from the
-device per step: training accuracy is a device-side count read at
-``on_train_log``, and PR curves are device-side histograms read once per
+device per step and nothing is written inside a training step: training
+accuracy is a device-side count kept per logging interval, and the
+intervals' scalars wait in memory until the next write (every ``flush_secs``,
+each evaluation, a checkpoint, the end of the run), when their counts are
+read back in one go.  PR curves are device-side histograms read once per
 evaluation.
 """
 
@@ -15,6 +18,7 @@ import contextlib
 import io
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -87,6 +91,9 @@ class TensorBoard:
         self._histogram_step: int | None = None  # set when this batch's optimizer step gets histograms
         self._correct: torch.Tensor | None = None  # right training predictions since the last log, on the device
         self._seen = 0
+        # Logged intervals not yet handed to the writer: (step, scalars, [right, seen] on the device).
+        self._unwritten: list[tuple[int, dict[str, float], torch.Tensor]] = []
+        self._next_write = 0.0  # time.monotonic() at which the unwritten intervals go out
         # This interval's logits and targets, counted in one go at the next log instead of a few ops per step.
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         if histogram_every_n_steps == 0:
@@ -104,6 +111,8 @@ class TensorBoard:
         self._correct, self._seen = torch.zeros((), dtype=torch.int64, device=trainer.device), 0
         self._first_batch_done = False
         self._pending.clear()
+        self._unwritten.clear()
+        self._next_write = time.monotonic() + self.flush_secs
         self._last_update = self._histogram_step = None
         if not trainer.is_main:
             return  # other ranks only count (training accuracy, PR histograms) for rank zero
@@ -144,6 +153,20 @@ class TensorBoard:
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
         self._writer(trainer).file_writer.add_summary(summary, step)
 
+    def _write_intervals(self, trainer: Trainer) -> None:
+        """Hand the logged intervals to the writer: their counts in one read-back, then an event each."""
+        import torch
+
+        self._next_write = time.monotonic() + self.flush_secs
+        if not self._unwritten:
+            return
+        counts = torch.stack([c for _, _, c in self._unwritten]).tolist()
+        for (step, values, _), (right, seen) in zip(self._unwritten, counts):
+            if seen:
+                values["train/acc"] = right / seen
+            self._add_scalars(trainer, values, step)
+        self._unwritten.clear()
+
     def _close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -153,13 +176,17 @@ class TensorBoard:
     def on_fit_end(self, trainer: Trainer) -> None:
         if not trainer.is_main or self._path is None:
             return
-        writer = self._writer(trainer)
-        self._log_hparams(trainer, writer)
+        self._write_intervals(trainer)
+        self._log_hparams(trainer, self._writer(trainer))
         self._close()
 
     @hookimpl
-    def on_exception(self) -> None:
-        self._close()
+    def on_exception(self, trainer: Trainer) -> None:
+        try:  # the curves up to the failure are what explains it
+            if trainer.is_main and self._path is not None:
+                self._write_intervals(trainer)
+        finally:
+            self._close()
 
     # -- training -------------------------------------------------------------
 
@@ -235,28 +262,30 @@ class TensorBoard:
 
         assert self._correct is not None, "on_train_log before on_fit_start"
         self._count_pending()
-        # The interval's one read-back: right and seen, summed over the ranks.
-        counts = torch.stack([self._correct, self._correct.new_tensor(self._seen)])
-        right, seen = trainer.all_reduce(counts).tolist()
+        # The interval's right and seen, summed over the ranks, kept on the device until written.
+        counts = trainer.all_reduce(torch.stack([self._correct, self._correct.new_tensor(self._seen)]))
         self._correct.zero_()
         self._seen = 0
         if not trainer.is_main:
             return
         values = {"train/loss": metrics["train/loss"]}
-        if seen:
-            values["train/acc"] = right / seen
         if trainer.optimizer is not None:
             for index, group in enumerate(trainer.optimizer.param_groups):
                 values[f"lr/group{index}"] = float(group["lr"])
-        self._add_scalars(trainer, values, trainer.state.step)
+        self._unwritten.append((trainer.state.step, values, counts))
+        if time.monotonic() >= self._next_write:
+            self._write_intervals(trainer)
 
     @hookimpl
-    def plugin_state_dict(self) -> dict[str, Any] | None:
+    def plugin_state_dict(self, trainer: Trainer) -> dict[str, Any] | None:
         # The current interval's counts (read back only when a checkpoint is written),
         # so a run resumed mid-interval logs the same train/acc as one never stopped.
         if self._correct is None:
             return None
         self._count_pending()
+        if trainer.is_main and self._path is not None:  # on disk before the checkpoint a resume starts from
+            self._write_intervals(trainer)
+            self._writer(trainer).flush()
         return {"correct": int(self._correct), "seen": self._seen}
 
     @hookimpl
@@ -309,6 +338,7 @@ class TensorBoard:
             self._pr_counts = None
             return
         writer, step = self._writer(trainer), trainer.state.step
+        self._write_intervals(trainer)
         self._add_scalars(trainer, {
             "train/loss_epoch" if key == "train/loss" else key: value
             for key, value in metrics.items()

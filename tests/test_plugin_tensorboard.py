@@ -317,6 +317,55 @@ def test_writer_closed_when_the_run_fails(tmp_path: Path) -> None:
     assert [step for step, _ in scalars(read_events(tmp_path / "run" / "tensorboard"), "train/loss")] == [1, 2, 3]
 
 
+def on_disk(folder: Path, tag: str, timeout: float = 10.0) -> list[int]:
+    """The steps of ``tag`` that TensorBoard's reader finds in ``folder``, waiting
+    (up to ``timeout`` seconds) for the writer thread to put some there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reader = read_events(folder)
+        found = [step for step, _ in scalars(reader, tag)] if tag in reader.Tags()["scalars"] else []
+        if found or time.monotonic() > deadline:
+            return found
+
+
+def test_training_scalars_reach_the_disk_mid_epoch_within_flush_secs(tmp_path: Path) -> None:
+    # Scalars wait in memory between writes, but never longer than flush_secs.
+    class SlowLogs:
+        """Makes each training log take a second; at step 6, mid-epoch, looks at the files."""
+
+        def __init__(self) -> None:
+            self.seen_mid_epoch: list[int] = []
+
+        @hookimpl(trylast=True)
+        def on_train_log(self, trainer: Trainer) -> None:
+            if trainer.state.step == 6:
+                self.seen_mid_epoch = on_disk(trainer.run_path / "tensorboard", "train/loss")
+            elif trainer.state.step < 6:
+                time.sleep(0.6)
+
+    probe = SlowLogs()
+    run_tiny({"tensorboard": TensorBoard(images=0, graph=False, flush_secs=1), "probe": probe},
+             run_dir=tmp_path / "run", epochs=1, batch_size=4, log_every_n_steps=2)  # 12 steps in the epoch
+    assert probe.seen_mid_epoch and probe.seen_mid_epoch[0] == 2 and max(probe.seen_mid_epoch) >= 4
+
+
+def test_a_checkpoint_never_gets_ahead_of_the_event_file(tmp_path: Path) -> None:
+    class Saver:
+        def __init__(self) -> None:
+            self.on_disk_at_save: list[int] = []
+
+        @hookimpl
+        def on_batch_end(self, trainer: Trainer, batch_idx: int) -> None:
+            if batch_idx == 6:  # mid-epoch, flush_secs far away: the save itself must write them
+                trainer.checkpoint_state()
+                self.on_disk_at_save = on_disk(trainer.run_path / "tensorboard", "train/loss", timeout=0)
+
+    saver = Saver()
+    run_tiny({"tensorboard": TensorBoard(images=0, graph=False), "saver": saver},
+             run_dir=tmp_path / "run", epochs=1, batch_size=4, log_every_n_steps=2)
+    assert saver.on_disk_at_save == [2, 4, 6]
+
+
 def date_back(folder: Path) -> None:
     """TensorBoard reads event files in name order, and a name starts with the
     writer's start time in seconds: date the files in ``folder`` a minute back,
