@@ -1,0 +1,282 @@
+"""Training throughput through ``Trainer`` with the data resident on the device.
+
+    python benchmarks/throughput.py [--device cuda] [--only cnn,resnet] [--quick [--compile-too]]
+
+Issue 5's GPU measurements, in samples per second of training:
+
+  cnn     the seed CNN (``convnet``, 3x32x32, 10 classes) at batch 512: eager,
+          then compiled (``compile=True``; compilation time reported apart);
+  resnet  ResNet-18 (torchvision's, random weights, 3x224x224, 1000 classes) at
+          batch 256: fp32, then bf16 autocast with channels-last.
+
+The data are synthetic: random uint8 images and labels generated on the device
+and kept there, batched by indexing and normalised per batch by the trainer,
+the path a real in-memory image dataset takes.  This measures speed, not accuracy.
+
+Each case trains one warm-up epoch (not timed: compilation, cuDNN's first
+calls, the allocator's growth), then the timed epochs.  A plugin clock
+synchronises the device at the start and the end of each timed epoch's
+training phase (``on_epoch_start``, ``on_eval_start``), so evaluations are not
+timed.  On a GPU the eager CNN case then trains one more, untimed epoch with
+PyTorch's sync debug mode on and counts the host synchronisations in it:
+anything beyond the loss read-back at each logging interval is a per-step sync.
+
+``--quick`` shrinks every size so the whole script runs on a CPU in seconds (to
+check that it works; its numbers mean nothing) and skips compilation unless
+``--compile-too`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from plugins.models.convnet import build as build_convnet
+from plugins.models.torchvision_models import build_resnet18
+from trainer_core import hookimpl
+from trainer_core.config import RunConfig
+from trainer_core.data import DataBundle, TensorSplit
+from trainer_core.errors import TrainerError
+from trainer_core.runtime import select_device
+from trainer_core.trainer import Trainer
+
+CNN_TARGET = 1_000_000  # samples/s, eager, H100-class card (issue 5)
+RESNET_TARGET = 2.0  # bf16 + channels-last over fp32 (issue 5)
+SYNC_WARNING = "synchronizing CUDA operation"  # what PyTorch's sync debug mode warns
+
+
+@dataclass
+class Case:
+    """One configuration to time."""
+
+    name: str
+    build: Callable[[tuple[int, ...], int], nn.Module]
+    shape: tuple[int, int, int]
+    classes: int
+    batch: int
+    steps: int  # training steps per epoch: the split holds exactly steps * batch samples
+    precision: str = "32"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class Result:
+    """Samples/s of each timed epoch, and what the run cost besides."""
+
+    rates: list[float]
+    warmup_seconds: float
+    compile_seconds: float | None
+    peak_gib: float | None
+    syncs: int | None  # host syncs in the audited epoch, when audited
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs no wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EpochClock:
+    """Times each epoch's training phase with the device synchronised at both
+    ends; in ``audit_epoch`` it turns PyTorch's sync debug mode on instead.
+    Its hooks run at epoch boundaries only: nothing per step."""
+
+    def __init__(self, device: torch.device, audit_epoch: int | None) -> None:
+        self.device = device
+        self.audit_epoch = audit_epoch
+        self.seconds: dict[int, float] = {}
+        self.epoch, self.started = 0, 0.0
+        self.audit_error: str | None = None
+
+    @hookimpl(tryfirst=True)
+    def on_epoch_start(self, epoch: int) -> None:
+        synchronize(self.device)
+        self.epoch, self.started = epoch, time.perf_counter()
+        if epoch == self.audit_epoch:
+            self._sync_debug("warn")
+
+    @hookimpl(tryfirst=True)
+    def on_eval_start(self) -> None:
+        if self.epoch == self.audit_epoch:
+            self._sync_debug("default")
+        synchronize(self.device)
+        self.seconds[self.epoch] = time.perf_counter() - self.started
+
+    def _sync_debug(self, mode: str) -> None:
+        try:  # a diagnostic: its failure must not end the timed run
+            torch.cuda.set_sync_debug_mode(mode)
+        except Exception as exc:
+            self.audit_error = f"{type(exc).__name__}: {exc}"
+
+
+def synthetic_data(case: Case, device: torch.device) -> DataBundle:
+    """Random uint8 images and labels made on ``device``: one split of
+    ``steps`` full batches for training, one batch for the (untimed) evaluation."""
+    def split(n: int) -> TensorSplit:
+        images = torch.randint(0, 256, (n, *case.shape), dtype=torch.uint8, device=device)
+        return TensorSplit(images, torch.randint(0, case.classes, (n,), device=device))
+    return DataBundle(split(case.steps * case.batch), split(case.batch), [str(i) for i in range(case.classes)],
+                      case.shape, mean=(0.5,) * case.shape[0], std=(0.25,) * case.shape[0])
+
+
+def run_case(case: Case, device: torch.device, timed_epochs: int, audit: bool) -> Result:
+    """Train ``case`` for one warm-up epoch, ``timed_epochs`` timed ones and,
+    with ``audit``, one more with the sync debug mode on; return its timings."""
+    torch.manual_seed(0)
+    model = case.build(case.shape, case.classes)
+    data = synthetic_data(case, device)
+    audit_epoch = 2 + timed_epochs if audit else None
+    config = RunConfig(epochs=1 + timed_epochs + audit, batch_size=case.batch, lr=1e-3, optimizer="sgd",
+                       momentum=0.9, seed=0, device=str(device), precision=case.precision,  # type: ignore[arg-type]
+                       channels_last=case.channels_last, compile=case.compile, plugins={})
+    clock = EpochClock(device, audit_epoch)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = Trainer(model, data, config, plugins={"benchmark-clock": clock})
+    with warnings.catch_warnings(record=True) as caught:
+        if audit:
+            warnings.simplefilter("always")  # every sync warns, not only a line's first
+        trainer.fit()
+    syncs = None
+    for warning in caught:
+        if SYNC_WARNING in str(warning.message):
+            syncs = (syncs or 0) + 1
+        else:  # not ours to swallow
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if audit:
+        syncs = syncs or 0
+        if clock.audit_error is not None:
+            print(f"  (sync audit failed: {clock.audit_error})", flush=True)
+            syncs = None
+    samples = case.steps * case.batch
+    rates = [samples / clock.seconds[epoch] for epoch in range(2, 2 + timed_epochs)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return Result(rates, clock.seconds[1], trainer.state.compile_seconds if case.compile else None, peak, syncs)
+
+
+def report(case: Case, result: Result, log_every: int) -> None:
+    """One line per case, ``NAME: RATE samples/s ...``, then what else was measured."""
+    extra = [f"[{min(result.rates):,.0f}-{max(result.rates):,.0f} over {len(result.rates)} epochs of {case.steps} steps]",
+             f"warm-up epoch {result.warmup_seconds:.2f} s"]
+    if result.compile_seconds is not None:
+        extra.append(f"compile {result.compile_seconds:.1f} s (first step, not in the rate)")
+    if result.peak_gib is not None:
+        extra.append(f"peak memory {result.peak_gib:.2f} GiB")
+    print(f"{case.name}: {result.median:,.0f} samples/s  " + "; ".join(extra), flush=True)
+    if result.syncs is not None:
+        expected = math.ceil(case.steps / log_every)
+        verdict = "none per step" if result.syncs <= expected + 1 else "MORE THAN THE LOG READ-BACKS: a per-step sync"
+        print(f"  host syncs in one audited epoch of {case.steps} steps: {result.syncs} "
+              f"(loss read-backs at --log-every {log_every}: {expected}, the epoch's order upload: 1; {verdict})",
+              flush=True)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {props.major}.{props.minor}, "
+                f"{props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def fp32_settings() -> str:
+    """What "fp32" means on this build: convolutions and matmuls may run in TF32."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    conv_text = f"cudnn conv fp32_precision={conv}" if conv is not None else f"cudnn allow_tf32={torch.backends.cudnn.allow_tf32}"
+    return (f"{conv_text}, matmul precision={torch.get_float32_matmul_precision()}, "
+            f"cudnn.benchmark={torch.backends.cudnn.benchmark} (PyTorch's defaults; the trainer changes none)")
+
+
+def cases(args: argparse.Namespace) -> dict[str, list[Case]]:
+    quick = args.quick
+    cnn_shape = (3, 32, 32)
+    side = 32 if quick and args.resnet_size is None else (args.resnet_size or 224)
+    resnet_shape = (3, side, side)
+    cnn_batch, cnn_steps = (32, 4) if quick else (512, args.cnn_steps)
+    res_batch, res_steps = (8, 2) if quick else (256, args.resnet_steps)
+    cnn = [Case(f"seed CNN 3x32x32, batch {cnn_batch}, eager", build_convnet, cnn_shape, 10, cnn_batch, cnn_steps)]
+    if not quick or args.compile_too:
+        cnn.append(Case(f"seed CNN 3x32x32, batch {cnn_batch}, compiled", build_convnet, cnn_shape, 10, cnn_batch,
+                        cnn_steps, compile=True))
+    name = f"ResNet-18 3x{side}x{side}, batch {res_batch}"
+    resnet = [
+        Case(f"{name}, fp32", build_resnet18, resnet_shape, 1000, res_batch, res_steps),
+        Case(f"{name}, bf16 + channels-last", build_resnet18, resnet_shape, 1000, res_batch, res_steps,
+             precision="bf16", channels_last=True),
+    ]
+    return {"cnn": cnn, "resnet": resnet}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, cpu, ...")
+    parser.add_argument("--only", default="cnn,resnet", help="comma-separated cases: cnn, resnet (default both)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: checks the script, numbers mean nothing")
+    parser.add_argument("--compile-too", action="store_true", help="with --quick: also the compiled CNN (slow on a CPU)")
+    parser.add_argument("--epochs", type=int, default=None, help="timed epochs per case (default 5; 2 with --quick)")
+    parser.add_argument("--cnn-steps", type=int, default=100, help="CNN steps per epoch (default 100)")
+    parser.add_argument("--resnet-steps", type=int, default=10, help="ResNet-18 steps per epoch (default 10)")
+    parser.add_argument("--resnet-size", type=int, default=None, help="ResNet-18 image side (default 224; 32 with --quick)")
+    args = parser.parse_args()
+    wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+    all_cases = cases(args)
+    unknown = [name for name in wanted if name not in all_cases]
+    if unknown or not wanted:
+        parser.error(f"--only takes cnn and/or resnet, comma-separated (got {args.only!r})")
+    for option in ("epochs", "cnn_steps", "resnet_steps", "resnet_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1 (got {value})")
+    timed_epochs = args.epochs or (2 if args.quick else 5)
+    try:
+        device = select_device(args.device)
+    except TrainerError as exc:  # no such device here: one line, exit 2 like the CLI's usage errors
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    log_every = RunConfig().log_every_n_steps
+
+    print(f"throughput through Trainer: torch {torch.__version__}, device {device}: {describe_device(device)}")
+    print(f"fp32 math: {fp32_settings()}")
+    print("data: synthetic random uint8 images and labels generated on the device and resident there, batched by "
+          "indexing and normalised per batch by the trainer; this measures speed, not accuracy")
+    print(f"each case: SGD (momentum 0.9), 1 warm-up epoch (not timed), then {timed_epochs} timed epochs; the device is "
+          "synchronised at each timed epoch's start and end; evaluations are not timed; rate = median over the epochs")
+    if args.quick:
+        print("QUICK MODE: tiny sizes to check the script; the numbers mean nothing"
+              + ("" if args.compile_too else "; compilation skipped (--compile-too runs it)"))
+    print(flush=True)
+    results: dict[str, Result] = {}
+    for group in wanted:
+        for case in all_cases[group]:
+            audit = device.type == "cuda" and group == "cnn" and not case.compile
+            results[case.name] = result = run_case(case, device, timed_epochs, audit)
+            report(case, result, log_every)
+    print()
+    if "cnn" in wanted:
+        eager = results[all_cases["cnn"][0].name]
+        print(f"seed CNN eager: {eager.median:,.0f} samples/s (target >= {CNN_TARGET:,} on an H100-class card)")
+        if len(all_cases["cnn"]) > 1:
+            print(f"seed CNN compiled / eager: {results[all_cases['cnn'][1].name].median / eager.median:.2f}x")
+    if "resnet" in wanted:
+        fp32, mixed = (results[case.name] for case in all_cases["resnet"])
+        print(f"ResNet-18 bf16 + channels-last / fp32: {mixed.median / fp32.median:.2f}x (target >= {RESNET_TARGET:.0f}x)")
+
+
+if __name__ == "__main__":
+    main()
