@@ -1,6 +1,7 @@
 """Framework overhead: the seed's hand-written loop vs. the Trainer, side by side.
 
-    python benchmarks/overhead.py [--repeats 5] [--threads 1] [--steps 256] [--each-plugin]
+    python benchmarks/overhead.py [--repeats 9] [--threads 1] [--steps N] [--cases cnn,mlp]
+                                  [--batch-sizes 4,128] [--device cpu] [--each-plugin] [--with-lightning]
 
 In one process, on identical in-memory data, model, optimizer, seed and
 thread count, interleaved and repeated, it times
@@ -13,17 +14,24 @@ thread count, interleaved and repeated, it times
 for the seed CNN (3x32x32) and the seed MLP (1x28x28) at batch sizes 4 and 128.
 Before timing it checks that (a) and (b) end with bit-identical weights.
 Each run trains two epochs.  It prints the median time per training step with
-the min-max range, and the overhead of (b) and (c) over (a) in microseconds
-and percent: once for the steady state (the second epoch's training steps:
+the min-max range, and the overhead of each variant over (a): per repeat, the
+ratio to the (a) run of the same repeat (runs next to each other in time, so
+the host's slow drifts cancel), then the median and interquartile range of
+those ratios.  Once for the steady state (the second epoch's training steps:
 what a long run pays per step), once for whole runs (adding each run's fixed
 costs: setup, evaluations, the TensorBoard graph and images, checkpoint files),
-amortised over the run's steps.  ``--each-plugin`` also times each built-in alone.
+amortised over the run's steps.  Every variant trains the same model object,
+reset to the same initial weights, so no variant gets luckier memory placement.
+``--each-plugin`` also times each built-in alone; ``--with-lightning`` (only
+if Lightning is installed) adds the same model through Lightning's Trainer,
+everything off and with per-step logging to TensorBoard.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import statistics
 import sys
@@ -40,9 +48,9 @@ from plugins.models.mlp import build as build_mlp
 from trainer_core import hookimpl
 from trainer_core.config import RunConfig
 from trainer_core.data import DataBundle, TensorSplit, epoch_order
-from trainer_core.runner import load_plugins
 from trainer_core.pluginmanager import make_plugin_manager
 from trainer_core.rundir import RunDir
+from trainer_core.runner import load_plugins
 from trainer_core.trainer import Trainer
 
 ALL_PLUGINS = {
@@ -55,8 +63,8 @@ ALL_PLUGINS = {
 SEED, LR, EPOCHS = 0, 0.001, 2
 
 CASES = {
-    "seed CNN 3x32x32": ((3, 32, 32), build_convnet),
-    "seed MLP 1x28x28": ((1, 28, 28), build_mlp),
+    "cnn": ("seed CNN 3x32x32", (3, 32, 32), build_convnet),
+    "mlp": ("seed MLP 1x28x28", (1, 28, 28), build_mlp),
 }
 
 
@@ -72,6 +80,20 @@ def new_model(build: Callable[..., nn.Module], shape: tuple[int, ...]) -> nn.Mod
     return build(shape, 10)
 
 
+class Subject:
+    """One model object that every variant trains, reset to the same initial
+    weights before each run: the same tensors at the same addresses each time."""
+
+    def __init__(self, build: Callable[..., nn.Module], shape: tuple[int, ...], device: torch.device) -> None:
+        self.model = new_model(build, shape).to(device)
+        self.initial = copy.deepcopy(self.model.state_dict())
+
+    def fresh(self) -> nn.Module:
+        self.model.load_state_dict(self.initial)
+        self.model.zero_grad(set_to_none=True)
+        return self.model
+
+
 class Timing:
     """Per-step seconds of the last epoch's training phase (the steady state:
     one-off work such as tracing the graph happens in the first), and of the
@@ -81,17 +103,27 @@ class Timing:
         self.steady, self.total = steady, total
 
 
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work before a clock is read (nothing to wait for on the CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def hand_written(model: nn.Module, data: DataBundle, batch_size: int) -> Timing:
     """The seed's loop, batching in-memory tensors in the trainer's epoch order."""
+    device = next(model.parameters()).device
+    sync = synchronizer(device)
+    sync()
     started = time.perf_counter()
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    x, y = data.train.inputs, data.train.targets
+    x, y = data.train.inputs.to(device), data.train.targets.to(device)
+    val_x, val_y = data.val.inputs.to(device), data.val.targets.to(device)
     steps = 0
     for epoch in range(1, EPOCHS + 1):
         model.train()
+        sync()
         epoch_started, epoch_steps = time.perf_counter(), 0
-        order = epoch_order(len(y), SEED, epoch)
+        order = epoch_order(len(y), SEED, epoch).to(device)
         for first in range(0, len(y), batch_size):
             index = order[first : first + batch_size]
             images, labels = x[index], y[index]
@@ -101,37 +133,44 @@ def hand_written(model: nn.Module, data: DataBundle, batch_size: int) -> Timing:
             loss.backward()
             optimizer.step()
             epoch_steps += 1
+        sync()
         steady = (time.perf_counter() - epoch_started) / epoch_steps
         steps += epoch_steps
         model.eval()
         with torch.no_grad():  # the seed's evaluation
             correct = 0
-            for first in range(0, len(data.val.targets), batch_size):
-                outputs = model(data.val.inputs[first : first + batch_size])
-                correct += (outputs.argmax(1) == data.val.targets[first : first + batch_size]).sum().item()
+            for first in range(0, len(val_y), batch_size):
+                outputs = model(val_x[first : first + batch_size])
+                correct += (outputs.argmax(1) == val_y[first : first + batch_size]).sum().item()
     return Timing(steady, (time.perf_counter() - started) / steps)
 
 
 class EpochClock:
     """Times each epoch's training phase; its hooks run at epoch boundaries only."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.sync = synchronizer(device)
         self.started, self.seconds = 0.0, 0.0
 
     @hookimpl(tryfirst=True)
     def on_epoch_start(self) -> None:
+        self.sync()
         self.started = time.perf_counter()
 
     @hookimpl(tryfirst=True)
     def on_eval_start(self) -> None:
+        self.sync()
         self.seconds = time.perf_counter() - self.started
 
 
 def with_trainer(model: nn.Module, data: DataBundle, batch_size: int, plugins: dict, folder: Path | None) -> Timing:
+    device = next(model.parameters()).device
+    sync = synchronizer(device)
+    sync()
     started = time.perf_counter()
     config = RunConfig(epochs=EPOCHS, batch_size=batch_size, lr=LR, optimizer="sgd", momentum=0.0, seed=SEED,
-                       device="cpu", plugins=plugins)
-    clock = EpochClock()
+                       device=str(device), plugins=plugins)
+    clock = EpochClock(device)
     with contextlib.redirect_stdout(io.StringIO()):  # console output is not what we time
         pm = make_plugin_manager()
         load_plugins(pm, plugins)
@@ -139,62 +178,102 @@ def with_trainer(model: nn.Module, data: DataBundle, batch_size: int, plugins: d
         run_dir = RunDir.create(folder, overwrite=True) if folder is not None else None
         trainer = Trainer(model, data, config, pm=pm, run_dir=run_dir)
         trainer.fit()
+    sync()
     steps = trainer.state.step
     return Timing(clock.seconds / (steps // EPOCHS), (time.perf_counter() - started) / steps)
 
 
-def check_same_weights(build: Callable[..., nn.Module], shape: tuple[int, ...], data: DataBundle, batch_size: int) -> None:
-    a, b = new_model(build, shape), new_model(build, shape)
+def check_same_weights(build: Callable[..., nn.Module], shape: tuple[int, ...], data: DataBundle, batch_size: int,
+                       device: torch.device) -> None:
+    a, b = new_model(build, shape).to(device), new_model(build, shape).to(device)
     hand_written(a, data, batch_size)
     with_trainer(b, data, batch_size, {}, None)
     if not all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())):
         sys.exit("FAILED: the hand-written loop and the Trainer ended with different weights")
 
 
+def variants_for(subject: Subject, data: DataBundle, batch_size: int, folder: Path,
+                 each_plugin: bool, lightning: bool) -> dict[str, Callable[[], Timing]]:
+    def trainer_with(plugins: dict) -> Callable[[], Timing]:
+        return lambda: with_trainer(subject.fresh(), data, batch_size, plugins, folder)
+    variants = {
+        "a hand-written": lambda: hand_written(subject.fresh(), data, batch_size),
+        "b trainer, no plugins": trainer_with({}),
+        "c trainer, all built-ins": trainer_with(ALL_PLUGINS),
+    }
+    if each_plugin:
+        variants.update({f"  {name} alone": trainer_with({name: options}) for name, options in ALL_PLUGINS.items()})
+    if lightning:
+        from lightning_loop import with_lightning
+
+        def lightning_with(logging: bool) -> Callable[[], Timing]:
+            return lambda: Timing(*with_lightning(subject.fresh(), data, batch_size, epochs=EPOCHS, lr=LR, seed=SEED,
+                                                  per_step_logging=logging, folder=folder))
+        variants["L lightning, everything off"] = lightning_with(False)
+        variants["L lightning, per-step logging"] = lightning_with(True)
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=256, help="training steps per epoch")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per epoch (default: 250 at batch sizes under 128, else 100: "
+                             "whole logging intervals of 50)")
+    parser.add_argument("--cases", default="cnn,mlp", help="which seed models: cnn, mlp or both")
     parser.add_argument("--batch-sizes", default="4,128")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for one GPU (data resident on it)")
     parser.add_argument("--each-plugin", action="store_true", help="also time each built-in plugin alone")
+    parser.add_argument("--with-lightning", action="store_true", help="also time Lightning's Trainer (if installed)")
     args = parser.parse_args()
+    if args.with_lightning:
+        from lightning_loop import lightning_available
+
+        if not lightning_available():
+            sys.exit("--with-lightning needs Lightning: pip install lightning")
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        sys.exit(f"unknown case {', '.join(sorted(unknown))}: choose from {', '.join(CASES)}")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU; {args.repeats} interleaved repeats; "
-          f"{EPOCHS} epochs of {args.steps} steps + evaluation per run")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {where}; {args.repeats} interleaved repeats; "
+          f"{EPOCHS} epochs + evaluation per run")
     with tempfile.TemporaryDirectory() as tmp:
-        for case, (shape, build) in CASES.items():
+        for key in args.cases.split(","):
+            case, shape, build = CASES[key]
             for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-                data = make_data(shape, args.steps * batch_size, 512)
-                check_same_weights(build, shape, data, batch_size)
-                def trainer_with(plugins: dict) -> Callable[[], Timing]:
-                    return lambda: with_trainer(new_model(build, shape), data, batch_size, plugins, Path(tmp) / "run")
-                variants = {
-                    "a hand-written": lambda: hand_written(new_model(build, shape), data, batch_size),
-                    "b trainer, no plugins": trainer_with({}),
-                    "c trainer, all built-ins": trainer_with(ALL_PLUGINS),
-                }
-                if args.each_plugin:
-                    variants.update({f"  {name} alone": trainer_with({name: options}) for name, options in ALL_PLUGINS.items()})
+                steps = args.steps or (250 if batch_size < 128 else 100)
+                data = make_data(shape, steps * batch_size, 512)
+                check_same_weights(build, shape, data, batch_size, device)
+                subject = Subject(build, shape, device)
+                variants = variants_for(subject, data, batch_size, Path(tmp) / "run", args.each_plugin, args.with_lightning)
                 for fn in variants.values():  # warm-up: allocator, lazy imports
                     fn()
                 runs: dict[str, list[Timing]] = {name: [] for name in variants}
-                for _ in range(args.repeats):
-                    for name, fn in variants.items():
-                        runs[name].append(fn())
-                print(f"\n{case}, batch {batch_size}: weights of (a) and (b) identical")
+                names = list(variants)
+                for repeat in range(args.repeats):
+                    turn = repeat % len(names)  # each variant takes every position in the order in turn
+                    for name in names[turn:] + names[:turn]:
+                        runs[name].append(variants[name]())
+                print(f"\n{case}, batch {batch_size}, {steps} steps an epoch: weights of (a) and (b) identical")
                 report("training steps, steady state (last epoch)", {n: [t.steady for t in r] for n, r in runs.items()})
                 report("whole runs (setup, evaluations, files, one-off logging)", {n: [t.total for t in r] for n, r in runs.items()})
 
 
 def report(title: str, per_step: dict[str, list[float]]) -> None:
-    base = statistics.median(per_step["a hand-written"])
-    print(f"  {title}: median us/step [min-max]")
+    """Medians with ranges, and each variant's overhead over (a) paired by repeat."""
+    base = per_step["a hand-written"]
+    print(f"  {title}: median us/step [min-max]; overhead over (a), median of the repeats [interquartile range]")
     for name, values in per_step.items():
-        median = statistics.median(values)
-        extra = "" if name.startswith("a") else (
-            f"  overhead {1e6 * (median - base):+8.1f} us ({100 * (median / base - 1):+6.1f} %)")
-        print(f"    {name:28s} {1e6 * median:9.1f}  [{1e6 * min(values):.1f}-{1e6 * max(values):.1f}]{extra}")
+        line = f"    {name:32s} {1e6 * statistics.median(values):9.1f}  [{1e6 * min(values):.1f}-{1e6 * max(values):.1f}]"
+        if not name.startswith("a"):
+            ratios = [100 * (v / b - 1) for v, b in zip(values, base)]
+            q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            micros = statistics.median(1e6 * (v - b) for v, b in zip(values, base))
+            line += f"  {micros:+8.1f} us  {statistics.median(ratios):+6.1f} %  [{q1:+.1f}, {q3:+.1f}]"
+        print(line)
 
 
 if __name__ == "__main__":
