@@ -49,7 +49,11 @@ sys.exit(not any(e.name == "tensorboard" for e in entry_points(group="trainer.pl
         return 0
     fi
     echo "trainer-core is not installed: installing its metadata (entry points) into $SITE/package, offline"
-    "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE/package" . || return 1
+    local log  # setuptools' warnings only when the build fails
+    if ! log=$("$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE/package" . 2>&1); then
+        echo "$log"
+        return 1
+    fi
     export PYTHONPATH="$PYTHONPATH:$SITE/package"
 }
 

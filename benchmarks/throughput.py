@@ -110,16 +110,16 @@ class EpochClock:
         synchronize(self.device)
         self.epoch, self.started = epoch, time.perf_counter()
         if epoch == self.audit_epoch:
-            self._sync_debug("warn")
+            self.sync_debug("warn")
 
     @hookimpl(tryfirst=True)
     def on_eval_start(self) -> None:
         if self.epoch == self.audit_epoch:
-            self._sync_debug("default")
+            self.sync_debug("default")
         synchronize(self.device)
         self.seconds[self.epoch] = time.perf_counter() - self.started
 
-    def _sync_debug(self, mode: str) -> None:
+    def sync_debug(self, mode: str) -> None:
         try:  # a diagnostic: its failure must not end the timed run
             torch.cuda.set_sync_debug_mode(mode)
         except Exception as exc:
@@ -154,18 +154,19 @@ def run_case(case: Case, device: torch.device, timed_epochs: int, audit: bool) -
     with warnings.catch_warnings(record=True) as caught:
         if audit:
             warnings.simplefilter("always")  # every sync warns, not only a line's first
-        trainer.fit()
-    syncs = None
-    for warning in caught:
-        if SYNC_WARNING in str(warning.message):
-            syncs = (syncs or 0) + 1
-        else:  # not ours to swallow
+        try:
+            trainer.fit()
+        finally:
+            if audit:  # also when the run failed mid-audit: later cases must not warn at every sync
+                clock.sync_debug("default")
+    for warning in caught:  # the others are not ours to swallow
+        if SYNC_WARNING not in str(warning.message):
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    if audit:
-        syncs = syncs or 0
-        if clock.audit_error is not None:
-            print(f"  (sync audit failed: {clock.audit_error})", flush=True)
-            syncs = None
+    syncs = None
+    if audit and clock.audit_error is not None:
+        print(f"  (sync audit failed: {clock.audit_error})", flush=True)
+    elif audit:
+        syncs = sum(SYNC_WARNING in str(warning.message) for warning in caught)
     samples = case.steps * case.batch
     rates = [samples / clock.seconds[epoch] for epoch in range(2, 2 + timed_epochs)]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
