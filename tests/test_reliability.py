@@ -700,3 +700,28 @@ def test_any_option_text_is_accepted_or_one_usage_error() -> None:
             assert str(exc) and "\\n" not in str(exc), overrides
 
     check()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_with_loader_workers_saves_and_resumes(
+    tmp_path: Path, pace_env: dict[str, str], signum: signal.Signals
+) -> None:
+    # As Ctrl-C, a job scheduler or `kill -- -PGID` sends it: the DataLoader's worker processes get it too.
+    from test_datasets import write_image_tree
+
+    write_image_tree(tmp_path / "images", per_class=16, size=(12, 12))  # 32 training images: 8 steps of 4 an epoch
+    run = ["--dataset", "imagefolder", "--data-root", str(tmp_path / "images"), "-o", "dataset.image_size=8",
+           "--model", "mlp", "--num-workers", "2", "--device", "cpu", "--epochs", "2", "--batch-size", "4",
+           "-q", "--plugins", "checkpoint,pace", "--run-dir", "run"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer_core", "run", *run], cwd=tmp_path,
+                            env={**pace_env, "PACE_PAUSE_AT": "3"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(proc, "paused after step 3")
+    os.killpg(proc.pid, signum)
+    out = finish(proc, 128 + signum)
+    assert f"fit end: received {signum.name}" in out
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == 4
+    finish(start(tmp_path, pace_env, "--run-dir", "run", "--resume", "auto", "-q"))
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (last["state"]["epoch"], last["state"]["step"]) == (2, 16)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -172,12 +172,17 @@ class Batches:
         order = epoch_order(self.size, self.seed, epoch)
         return order if self.positions is None else order[self.positions]
 
-    def iterate(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(inputs, targets)`` for ``epoch``, skipping the first ``start_batch`` batches."""
+    def iterate(self, epoch: int = 0, start_batch: int = 0,
+                stopping: Callable[[], bool] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(inputs, targets)`` for ``epoch``, skipping the first ``start_batch`` batches.
+
+        ``stopping`` says whether the run was asked to stop: then a loader that
+        fails (its worker processes got the same signal) ends the iteration
+        instead of raising."""
         if self.tensors is not None:
             yield from self._from_tensors(self.tensors, epoch, start_batch)
         else:
-            yield from self._from_loader(epoch, start_batch)
+            yield from self._from_loader(epoch, start_batch, stopping)
 
     def _from_tensors(self, tensors: TensorSplit, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = self.share
@@ -191,10 +196,20 @@ class Batches:
             index = order[first : first + step]
             yield self._normalise(tensors.inputs[index]), tensors.targets[index]
 
-    def _from_loader(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _from_loader(self, epoch: int, start: int,
+                     stopping: Callable[[], bool] | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         assert self.loader is not None
         self.sampler.epoch, self.sampler.start = epoch, start
-        for inputs, targets in self.loader:
+        batches = iter(self.loader)
+        while True:
+            try:
+                inputs, targets = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError:  # "DataLoader worker ... is killed by signal": a stop sent to the process group
+                if stopping is not None and stopping():
+                    return
+                raise
             yield self._normalise(inputs.to(self.device, non_blocking=True)), targets.to(self.device, non_blocking=True)
 
     def _normalise(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,11 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.received is None and hasattr(signal, "SIGCHLD"):
+            # Sent to the process group, the signal also ends DataLoader workers, and torch's
+            # SIGCHLD handler would raise wherever the loop is (mid-step): the loop stops at
+            # the step's end instead, and a loader that lost its workers ends its epoch early.
+            self._previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         self.received = signum
         self.request_stop(f"received {signal.Signals(signum).name}")
 

@@ -285,7 +285,7 @@ class Trainer:
             self._wrap_for_ranks()  # a plugin (un)froze parameters: DDP must reduce the new set
         model = self.train_forward
         started = time.perf_counter()
-        for batch_idx, (inputs, targets) in enumerate(self.train_batches.iterate(state.epoch, first), first):
+        for batch_idx, (inputs, targets) in enumerate(self.train_batches.iterate(state.epoch, first, self._stopped_by_signal), first):
             if batch_start:
                 batch_start(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets)
             with self.autocast():
@@ -355,6 +355,10 @@ class Trainer:
         """The learning rate of the optimizer's first parameter group."""
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else self.config.lr
 
+    def _stopped_by_signal(self) -> bool:
+        """Whether a signal asks this process to stop now (ranks of a distributed run stop together, at an epoch's end)."""
+        return self.signals.received is not None and not self.distributed
+
     def evaluate(self) -> dict[str, float]:
         """Run the validation split, merge every plugin's metrics, record and emit them.
 
@@ -371,15 +375,17 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         with torch.no_grad():
-            for inputs, targets in self.val_batches.iterate():
-                if self.signals.received is not None and not self.distributed:
-                    return {}  # (ranks stop together, at the epoch's end)
+            for inputs, targets in self.val_batches.iterate(stopping=self._stopped_by_signal):
+                if self._stopped_by_signal():
+                    return {}
                 with self.autocast():
                     outputs = model(inputs)
                 loss_sum += self.loss_fn(outputs.float(), targets).double() * targets.shape[0]
                 correct += (outputs.argmax(dim=1) == targets).sum()
                 if eval_batch:
                     eval_batch(trainer=self, inputs=inputs, targets=targets, outputs=outputs)
+        if self._stopped_by_signal():  # the loader's workers got the signal too and ended the pass early
+            return {}
         size = self.val_batches.size
         if self.distributed:  # sums over the ranks' disjoint parts of the split, then divide
             loss_sum, correct = distributed.all_reduce(torch.stack([loss_sum, correct.double()]))
