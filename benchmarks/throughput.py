@@ -1,13 +1,15 @@
 """Training throughput through ``Trainer`` with the data resident on the device.
 
-    python benchmarks/throughput.py [--device cuda] [--only cnn,resnet] [--quick [--compile-too]]
+    python benchmarks/throughput.py [--device cuda] [--only cnn,resnet] [--cudnn-benchmark-too] [--quick [--compile-too]]
 
 Issue 5's GPU measurements, in samples per second of training:
 
   cnn     the seed CNN (``convnet``, 3x32x32, 10 classes) at batch 512: eager,
           then compiled (``compile=True``; compilation time reported apart);
   resnet  ResNet-18 (torchvision's, random weights, 3x224x224, 1000 classes) at
-          batch 256: fp32, then bf16 autocast with channels-last.
+          batch 256: fp32, then bf16 autocast with channels-last; with
+          ``--cudnn-benchmark-too`` both again with ``torch.backends.cudnn.benchmark``
+          on (the trainer leaves it off, PyTorch's default).
 
 The data are synthetic: random uint8 images and labels generated on the device
 and kept there, batched by indexing and normalised per batch by the trainer,
@@ -29,6 +31,7 @@ check that it works; its numbers mean nothing) and skips compilation unless
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import platform
 import statistics
@@ -69,6 +72,7 @@ class Case:
     precision: str = "32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False
 
 
 @dataclass
@@ -151,12 +155,15 @@ def run_case(case: Case, device: torch.device, timed_epochs: int, audit: bool) -
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(model, data, config, plugins={"benchmark-clock": clock})
+    default_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = case.cudnn_benchmark
     with warnings.catch_warnings(record=True) as caught:
         if audit:
             warnings.simplefilter("always")  # every sync warns, not only a line's first
         try:
             trainer.fit()
         finally:
+            torch.backends.cudnn.benchmark = default_benchmark
             if audit:  # also when the run failed mid-audit: later cases must not warn at every sync
                 clock.sync_debug("default")
     for warning in caught:  # the others are not ours to swallow
@@ -224,6 +231,8 @@ def cases(args: argparse.Namespace) -> dict[str, list[Case]]:
         Case(f"{name}, bf16 + channels-last", build_resnet18, resnet_shape, 1000, res_batch, res_steps,
              precision="bf16", channels_last=True),
     ]
+    if args.cudnn_benchmark_too:
+        resnet += [dataclasses.replace(case, name=f"{case.name}, cudnn.benchmark", cudnn_benchmark=True) for case in resnet]
     return {"cnn": cnn, "resnet": resnet}
 
 
@@ -232,6 +241,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, cpu, ...")
     parser.add_argument("--only", default="cnn,resnet", help="comma-separated cases: cnn, resnet (default both)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: checks the script, numbers mean nothing")
+    parser.add_argument("--cudnn-benchmark-too", action="store_true",
+                        help="also time both ResNet-18 cases with torch.backends.cudnn.benchmark on")
     parser.add_argument("--compile-too", action="store_true", help="with --quick: also the compiled CNN (slow on a CPU)")
     parser.add_argument("--epochs", type=int, default=None, help="timed epochs per case (default 5; 2 with --quick)")
     parser.add_argument("--cnn-steps", type=int, default=200, help="CNN steps per epoch (default 200)")
@@ -285,9 +296,11 @@ def main() -> None:
         print(f"seed CNN eager: {cnn[0].median:,.0f} samples/s (target >= {CNN_TARGET:,} on an H100-class card)")
         if len(cnn) > 1 and cnn[1] is not None:
             print(f"seed CNN compiled / eager: {cnn[1].median / cnn[0].median:.2f}x")
-    fp32, mixed = (results.get(case.name) for case in all_cases["resnet"])
-    if "resnet" in wanted and fp32 is not None and mixed is not None:
-        print(f"ResNet-18 bf16 + channels-last / fp32: {mixed.median / fp32.median:.2f}x (target >= {RESNET_TARGET:.0f}x)")
+    resnet = [results.get(case.name) for case in all_cases["resnet"]] if "resnet" in wanted else []
+    for fp32, mixed, how in zip(resnet[0::2], resnet[1::2], ["", ", both with cudnn.benchmark"]):
+        if fp32 is not None and mixed is not None:
+            print(f"ResNet-18 bf16 + channels-last / fp32{how}: {mixed.median / fp32.median:.2f}x "
+                  f"(target >= {RESNET_TARGET:.0f}x)")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
