@@ -20,8 +20,9 @@ calls, the allocator's growth), then the timed epochs.  A plugin clock
 synchronises the device at the start and the end of each timed epoch's
 training phase (``on_epoch_start``, ``on_eval_start``), so evaluations are not
 timed.  On a GPU the eager CNN case then trains one more, untimed epoch with
-PyTorch's sync debug mode on and counts the host synchronisations in it:
-anything beyond the loss read-back at each logging interval is a per-step sync.
+PyTorch's sync debug mode on and counts the host synchronisations in it: the
+trainer's own are a few per logging interval; as many as the steps means a
+synchronisation in every step.
 
 ``--quick`` shrinks every size so the whole script runs on a CPU in seconds (to
 check that it works; its numbers mean nothing) and skips compilation unless
@@ -199,6 +200,7 @@ def report(case: Case, result: Result, log_every: int) -> None:
 
 
 def describe_device(device: torch.device) -> str:
+    """The card's name and size (or the CPU's), for the report's first line."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return (f"{torch.cuda.get_device_name(device)} (compute capability {props.major}.{props.minor}, "
@@ -215,6 +217,7 @@ def fp32_settings() -> str:
 
 
 def cases(args: argparse.Namespace) -> dict[str, list[Case]]:
+    """The cases of each ``--only`` group, in the order they run."""
     quick = args.quick
     cnn_shape = (3, 32, 32)
     side = 32 if quick and args.resnet_size is None else (args.resnet_size or 224)
@@ -285,8 +288,8 @@ def main() -> None:
                 results[case.name] = result = run_case(case, device, timed_epochs, audit)
             except Exception as exc:  # one case's failure (out of memory, a compiler error) must not lose the others
                 traceback.print_exc()
-                print(f"{case.name}: FAILED ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})",
-                      flush=True)
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                print(f"{case.name}: FAILED ({type(exc).__name__}: {first_line})", flush=True)
                 failed.append(case.name)
                 continue
             report(case, result, log_every)
@@ -303,6 +306,7 @@ def main() -> None:
                   f"(target >= {RESNET_TARGET:.0f}x)")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
+
 
 if __name__ == "__main__":
     main()
