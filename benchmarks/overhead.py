@@ -184,12 +184,18 @@ def with_trainer(model: nn.Module, data: DataBundle, batch_size: int, plugins: d
 
 
 def check_same_weights(build: Callable[..., nn.Module], shape: tuple[int, ...], data: DataBundle, batch_size: int,
-                       device: torch.device) -> None:
+                       device: torch.device) -> str:
+    """How equal (a) and (b)'s final weights are; exits when they differ."""
     a, b = new_model(build, shape).to(device), new_model(build, shape).to(device)
     hand_written(a, data, batch_size)
     with_trainer(b, data, batch_size, {}, None)
-    if not all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())):
-        sys.exit("FAILED: the hand-written loop and the Trainer ended with different weights")
+    pairs = list(zip(a.parameters(), b.parameters()))
+    if all(torch.equal(p, q) for p, q in pairs):
+        return "identical"
+    # cuDNN's convolution gradients are not bit-reproducible from run to run: on a GPU, rounding apart.
+    if device.type == "cuda" and all(torch.allclose(p, q, rtol=1e-4, atol=1e-6) for p, q in pairs):
+        return "equal within float rounding (CUDA kernels are not bit-reproducible)"
+    sys.exit("FAILED: the hand-written loop and the Trainer ended with different weights")
 
 
 def variants_for(subject: Subject, data: DataBundle, batch_size: int, folder: Path,
@@ -246,7 +252,7 @@ def main() -> None:
             for batch_size in (int(b) for b in args.batch_sizes.split(",")):
                 steps = args.steps or (250 if batch_size < 128 else 100)
                 data = make_data(shape, steps * batch_size, 512)
-                check_same_weights(build, shape, data, batch_size, device)
+                equal = check_same_weights(build, shape, data, batch_size, device)
                 subject = Subject(build, shape, device)
                 variants = variants_for(subject, data, batch_size, Path(tmp) / "run", args.each_plugin, args.with_lightning)
                 for fn in variants.values():  # warm-up: allocator, lazy imports
@@ -257,7 +263,7 @@ def main() -> None:
                     turn = repeat % len(names)  # each variant takes every position in the order in turn
                     for name in names[turn:] + names[:turn]:
                         runs[name].append(variants[name]())
-                print(f"\n{case}, batch {batch_size}, {steps} steps an epoch: weights of (a) and (b) identical")
+                print(f"\n{case}, batch {batch_size}, {steps} steps an epoch: weights of (a) and (b) {equal}")
                 report("training steps, steady state (last epoch)", {n: [t.steady for t in r] for n, r in runs.items()})
                 report("whole runs (setup, evaluations, files, one-off logging)", {n: [t.total for t in r] for n, r in runs.items()})
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import tomli_w
 
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.files import atomic_write_bytes
@@ -85,6 +84,8 @@ class RunDir:
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         with _writing(self.path / CONFIG):
+            import tomli_w  # here, not at the top: a run with no folder (benchmarks on a bare GPU machine) needs no TOML writer
+
             atomic_write_bytes(self.path / CONFIG, tomli_w.dumps(dict(config)).encode())
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
