@@ -157,12 +157,8 @@ class Checkpoint:
                 trainer.model.load_state_dict(load_checkpoint(path)["model"])
             if trainer.world_size > 1:
                 _broadcast_from_rank_zero(trainer.model)
-            if trainer.is_main:
-                print(
-                    f"checkpoint: restored the best weights ({self.monitor} {best['score']:.4f}, epoch {best['epoch']}) "
-                    f"from {path}",
-                    flush=True,
-                )
+            trainer.echo(f"checkpoint: restored the best weights ({self.monitor} {best['score']:.4f}, "
+                         f"epoch {best['epoch']}) from {path}")
 
     # -- saving --------------------------------------------------------------
 

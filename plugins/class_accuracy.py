@@ -147,7 +147,7 @@ class ClassAccuracy:
 
     @hookimpl
     def on_fit_end(self, trainer: Trainer) -> None:
-        if self.table and trainer.is_main and self.confusion is not None:
+        if self.table and trainer.is_main and not trainer.quiet and self.confusion is not None:
             self.stream.write(self.format_table() + "\n")
             self.stream.flush()
 

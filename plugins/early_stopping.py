@@ -105,12 +105,10 @@ class EarlyStopping:
         if not self.restore_best_weights or self.best_epoch in (None, trainer.state.epoch):
             return  # nothing asked, nothing evaluated, or the final weights are the best ones
         if self.best_weights is None:  # resumed from a checkpoint saved without restore_best_weights
-            if trainer.is_main:
-                print(f"early-stopping: the weights of epoch {self.best_epoch} were not saved; keeping the final weights")
+            trainer.echo(f"early-stopping: the weights of epoch {self.best_epoch} were not saved; keeping the final weights")
             return
         trainer.model.load_state_dict(self.best_weights)
-        if trainer.is_main:
-            print(f"early-stopping: restored the weights of epoch {self.best_epoch} ({self.monitor} {self.best:.6g})")
+        trainer.echo(f"early-stopping: restored the weights of epoch {self.best_epoch} ({self.monitor} {self.best:.6g})")
 
     @hookimpl
     def plugin_state_dict(self) -> dict[str, Any]:

@@ -85,21 +85,18 @@ class Freeze:
         frozen_count = sum(p.numel() for p in self.frozen_params)
         total = sum(p.numel() for p in model.parameters())
         self.counts = (total - frozen_count, frozen_count)
-        if trainer.is_main:
-            share = 100 * frozen_count / total if total else 0.0
-            print(
-                f"freeze: {total - frozen_count:,} trainable and {frozen_count:,} frozen parameters ({share:.1f}% frozen: "
-                f"{', '.join(self.frozen_modules)})"
-                + (f"; unfreezing at epoch {self.unfreeze_at_epoch}" if self.unfreeze_at_epoch else ""),
-                flush=True,
-            )
+        share = 100 * frozen_count / total if total else 0.0
+        trainer.echo(
+            f"freeze: {total - frozen_count:,} trainable and {frozen_count:,} frozen parameters ({share:.1f}% frozen: "
+            f"{', '.join(self.frozen_modules)})"
+            + (f"; unfreezing at epoch {self.unfreeze_at_epoch}" if self.unfreeze_at_epoch else "")
+        )
 
     @hookimpl
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if self.unfreeze_at_epoch and epoch >= self.unfreeze_at_epoch and not self.unfrozen:
             lr = self._unfreeze(trainer)
-            if trainer.is_main:
-                print(f"freeze: epoch {epoch}: training {', '.join(self.frozen_modules)} again, at lr {lr:g}", flush=True)
+            trainer.echo(f"freeze: epoch {epoch}: training {', '.join(self.frozen_modules)} again, at lr {lr:g}")
         if self.freeze_bn and not self.unfrozen:
             # model.train() just switched every layer to training mode: put the frozen statistics back.
             for module in self.frozen_bn:

@@ -164,3 +164,16 @@ def test_warnings_are_prefixed_lines_on_stderr(tmp_path):
     assert result.returncode == 0, result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("warning: weights from ") and "l2.weight" in line
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["default", "quiet"])
+def test_quiet_silences_every_plugins_notices(tmp_path, quiet):
+    notices = ["--plugins", "freeze,checkpoint,class-accuracy", "-o", "checkpoint.restore_best=true",
+               "-o", "freeze.unfreeze_at_epoch=2"]
+    result = invoke("run", *FAST, "--run-dir", str(tmp_path / "run"), *notices, *(["-q"] if quiet else []))
+    assert result.exit_code == 0, result.output
+    if quiet:
+        assert result.output == ""
+    else:
+        for line in ["freeze: ", "freeze: epoch 2: training", "checkpoint: restored the best weights", "total"]:
+            assert line in result.output

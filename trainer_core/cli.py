@@ -206,7 +206,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
                   help="Continue from a checkpoint file or a run folder (its newest checkpoint); 'auto': the "
                        "newest checkpoint of the run named by --name/--run-dir, or a fresh start there if it has none.")
     @click.option("--overwrite", is_flag=True, help="Reuse a run folder that already holds a run.")
-    @click.option("-q", "--quiet", is_flag=True, help="No progress output (same as --plugins no:progress).")
+    @click.option("-q", "--quiet", is_flag=True, help="No console output but warnings and errors: no progress (--plugins no:progress), no plugin notices.")
     @debug_option
     @reports_errors
     def run(config_file: Path | None, plugins: tuple[str, ...], overrides: tuple[str, ...], resume_path: Path | None,
@@ -270,6 +270,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
             if distributed.init_from_env(distributed.device_for_rank(select_device(config.device)), backend):
                 click.get_current_context().call_on_close(distributed.shutdown)
         trainer = build_run(config, pm=pm_factory(), resume=resume, run_path=run_path, overwrite=overwrite)
+        trainer.quiet = quiet
         state = trainer.fit()
         if trainer.distributed:
             # Every rank done before any leaves, and DDP's wrapper gone before the process

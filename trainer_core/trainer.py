@@ -96,6 +96,8 @@ class Trainer:
         self.stepper: Stepper | None = None
         self._compiling = c.compile
         self.signals = StopOnSignal(self.request_stop)
+        #: ``True`` silences :meth:`echo` (``trainer run -q``).
+        self.quiet = False
         self.train_forward = self.forward_model  # what training calls: DistributedDataParallel's wrapper when distributed
         self._wrapped: list[int] = []  # the trainable parameters DDP was built for
         self._stop_vote: str | None = None  # a stop this rank asked for, not yet agreed with the others
@@ -111,6 +113,14 @@ class Trainer:
     def is_main(self) -> bool:
         """True on the process that writes files and prints (rank zero)."""
         return self.rank == 0
+
+    def echo(self, message: str) -> None:
+        """Print ``message``, a line for the person watching the run, on the main
+        process only, unless the run is quiet (``trainer run -q``).  Plugins print
+        their notices through it, so that ``-q`` silences every one of them and no
+        rank repeats rank zero's."""
+        if self.is_main and not self.quiet:
+            print(message, flush=True)
 
     @property
     def run_path(self) -> Path | None:
