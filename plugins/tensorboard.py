@@ -1,15 +1,16 @@
 """TensorBoard logging: everything the seed programs logged by hand, without code.
 
 Scalars at the core's logging interval and at each evaluation, one image grid
-of a training batch, the model graph, a precision-recall curve per class from
-the true labels at each evaluation, weight and gradient histograms at an
-interval, and hparams with the final metrics.  Nothing is read back from the
-device per step and nothing is written inside a training step: training
-accuracy is a device-side count kept per logging interval, and the
-intervals' scalars wait in memory until the next write (every ``flush_secs``,
-each evaluation, a checkpoint, the end of the run), when their counts are
-read back in one go.  PR curves are device-side histograms read once per
-evaluation.
+of a validation batch and the model graph (the seed's examples), a
+precision-recall curve per class from the true labels at each evaluation,
+and hparams with the final metrics; training accuracy and weight and gradient
+histograms when asked.  At the defaults no hook runs during training steps.
+Nothing is read back from the device per step and nothing is written inside
+a training step: training accuracy is a device-side count kept per logging
+interval, and the intervals' scalars wait in memory until the next write
+(every ``flush_secs``, each evaluation, a checkpoint, the end of the run),
+when their counts are read back in one go.  PR curves are device-side
+histograms read once per evaluation.
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ PENDING_LOGITS = 1 << 16  # logits per batch above which training accuracy is co
 class TensorBoard:
     """Logs the run to TensorBoard, by default in ``<run folder>/tensorboard``.
 
-    Scalars: ``train/loss`` (mean over each logging interval), ``train/acc``,
-    ``lr/group<i>``, and every evaluation metric (``val/loss``, ``val/acc``,
-    ``val/acc/<class>``...; the evaluation's epoch-mean training loss as
-    ``train/loss_epoch``).  Also ``images/train_batch`` once, the graph,
-    ``pr/<class>`` curves, ``weights/*`` and ``grads/*`` histograms, hparams.
+    Scalars: ``train/loss`` (mean over each logging interval), ``lr/group<i>``,
+    ``train/acc`` when asked, and every evaluation metric (``val/loss``,
+    ``val/acc``, ``val/acc/<class>``...; the evaluation's epoch-mean training
+    loss as ``train/loss_epoch``).  Also ``images/val_batch`` and the graph
+    once, from the first validation batch (as the seed did), ``pr/<class>``
+    curves, ``weights/*`` and ``grads/*`` histograms, hparams.  At its defaults
+    it does nothing during training steps: per-step work (training accuracy,
+    histograms) is opt-in.
     """
 
     def __init__(
@@ -55,14 +59,19 @@ class TensorBoard:
         log_dir: Path | None = None,
         images: int = 64,
         graph: bool = True,
+        train_accuracy: bool = False,
         pr_curves: bool = True,
         histogram_every_n_steps: int | None = 0,
         confusion_image: bool = True,
         flush_secs: int = 30,
     ) -> None:
         """:param log_dir: where the event files go (default ``<run folder>/tensorboard``).
-        :param images: how many images of the first training batch to show; 0 for none.
-        :param graph: log the model graph (traced once on the first batch).
+        :param images: how many images of the first validation batch to show; 0 for none.
+        :param graph: log the model graph (traced once on the first validation batch).
+        :param train_accuracy: log ``train/acc``, the accuracy of each logging
+            interval's training batches, as the seed's MNIST program did.  It
+            costs a little every step (the batch's scores are held and counted
+            once per interval), about 5 % of a 0.3 ms step; off by default.
         :param pr_curves: log a precision-recall curve per class at each evaluation.
         :param histogram_every_n_steps: weight and gradient histograms every N
             training steps (with gradient accumulation: at the optimizer step
@@ -79,6 +88,7 @@ class TensorBoard:
         self.log_dir = log_dir
         self.images = images
         self.graph = graph
+        self.train_accuracy = train_accuracy
         self.pr_curves = pr_curves
         self.histogram_every_n_steps = histogram_every_n_steps
         self.confusion_image = confusion_image
@@ -86,18 +96,20 @@ class TensorBoard:
         #: The open writer between ``on_fit_start`` and the end of the run.
         self.writer: SummaryWriter | None = None
         self._path: Path | None = None
-        self._first_batch_done = False
+        self._examples_done = False
         self._last_update: int | None = None  # the training step of the previous optimizer step
         self._histogram_step: int | None = None  # set when this batch's optimizer step gets histograms
         self._correct: torch.Tensor | None = None  # right training predictions since the last log, on the device
         self._seen = 0
-        # Logged intervals not yet handed to the writer: (step, scalars, [right, seen] on the device).
-        self._unwritten: list[tuple[int, dict[str, float], torch.Tensor]] = []
+        # Logged intervals not yet handed to the writer: (step, scalars, [right, seen] on the device or None).
+        self._unwritten: list[tuple[int, dict[str, float], torch.Tensor | None]] = []
         self._next_write = 0.0  # time.monotonic() at which the unwritten intervals go out
         # This interval's logits and targets, counted in one go at the next log instead of a few ops per step.
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         if histogram_every_n_steps == 0:
             unused_hooks(self, "on_before_optimizer_step")  # gradients are read only for histograms
+            if not train_accuracy:
+                unused_hooks(self, "on_batch_end")  # nothing to do during training steps
         self._pr_counts: torch.Tensor | None = None  # 2 x classes x thresholds: positives, negatives
         self._keys: list[str] = []
 
@@ -109,7 +121,7 @@ class TensorBoard:
 
         self._keys = class_keys([str(c) for c in trainer.data.classes])
         self._correct, self._seen = torch.zeros((), dtype=torch.int64, device=trainer.device), 0
-        self._first_batch_done = False
+        self._examples_done = False
         self._pending.clear()
         self._unwritten.clear()
         self._next_write = time.monotonic() + self.flush_secs
@@ -160,8 +172,10 @@ class TensorBoard:
         self._next_write = time.monotonic() + self.flush_secs
         if not self._unwritten:
             return
-        counts = torch.stack([c for _, _, c in self._unwritten]).tolist()
-        for (step, values, _), (right, seen) in zip(self._unwritten, counts):
+        held = [c for _, _, c in self._unwritten if c is not None]
+        counts = iter(torch.stack(held).tolist() if held else [])
+        for step, values, held_counts in self._unwritten:
+            right, seen = next(counts) if held_counts is not None else (0, 0)
             if seen:
                 values["train/acc"] = right / seen
             self._add_scalars(trainer, values, step)
@@ -212,20 +226,21 @@ class TensorBoard:
                 writer.add_histogram(f"grads/{name}", param.grad.detach(), step)
 
     @hookimpl
-    def on_batch_end(self, trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor) -> None:
-        if not self._first_batch_done:
-            self._log_first_batch(trainer, inputs)
-        self._pending.append((outputs, targets))
-        if outputs.numel() > PENDING_LOGITS:  # big logits: count now rather than hold many of them
-            self._count_pending()
+    def on_batch_end(self, trainer: Trainer, targets: torch.Tensor, outputs: torch.Tensor) -> None:
+        if self.train_accuracy:
+            self._pending.append((outputs, targets))
+            if outputs.numel() > PENDING_LOGITS:  # big logits: count now rather than hold many of them
+                self._count_pending()
         if self._histogram_step is not None:
             writer = self._writer(trainer)
             for name, param in trainer.model.named_parameters():
                 writer.add_histogram(f"weights/{name}", param.detach(), self._histogram_step)
             self._histogram_step = None
 
-    def _log_first_batch(self, trainer: Trainer, inputs: torch.Tensor) -> None:
-        self._first_batch_done = True
+    def _log_examples(self, trainer: Trainer, inputs: torch.Tensor) -> None:
+        """The image grid and the graph, from a validation batch: the seed took its examples from
+        the test loader, and during evaluation they cost the training steps nothing."""
+        self._examples_done = True
         if not trainer.is_main:
             return
         writer = self._writer(trainer)
@@ -261,11 +276,13 @@ class TensorBoard:
         import torch
 
         assert self._correct is not None, "on_train_log before on_fit_start"
-        self._count_pending()
-        # The interval's right and seen, summed over the ranks, kept on the device until written.
-        counts = trainer.all_reduce(torch.stack([self._correct, self._correct.new_tensor(self._seen)]))
-        self._correct.zero_()
-        self._seen = 0
+        counts = None
+        if self.train_accuracy:
+            self._count_pending()
+            # The interval's right and seen, summed over the ranks, kept on the device until written.
+            counts = trainer.all_reduce(torch.stack([self._correct, self._correct.new_tensor(self._seen)]))
+            self._correct.zero_()
+            self._seen = 0
         if not trainer.is_main:
             return
         values = {"train/loss": metrics["train/loss"]}
@@ -305,7 +322,9 @@ class TensorBoard:
             self._pr_counts = torch.zeros(2 * len(self._keys) * PR_THRESHOLDS, dtype=torch.int64, device=trainer.device)
 
     @hookimpl
-    def on_eval_batch(self, trainer: Trainer, targets: torch.Tensor, outputs: torch.Tensor) -> None:
+    def on_eval_batch(self, trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor) -> None:
+        if not self._examples_done:
+            self._log_examples(trainer, inputs)
         if self._pr_counts is None:
             return
         # Per class, a histogram of the predicted probability, split by whether
@@ -397,7 +416,7 @@ class TensorBoard:
             grid = make_grid(images.clamp(0, 1), nrow=8)
         else:  # nothing to undo: stretch the batch's range to [0, 1]
             grid = make_grid(images, nrow=8, normalize=True)
-        writer.add_image("images/train_batch", grid.cpu(), trainer.state.step - 1)  # the step before this batch's
+        writer.add_image("images/val_batch", grid.cpu(), trainer.state.step)
 
     def _log_graph(self, trainer: Trainer, writer: SummaryWriter, example: torch.Tensor) -> None:
         import torch

@@ -29,7 +29,7 @@ from plugins.class_accuracy import ClassAccuracy
 from plugins.tensorboard import PR_THRESHOLDS, TensorBoard
 from trainer_core import PluginError, UsageError, hookimpl
 from trainer_core.cli import make_cli
-from trainer_core.data import DataBundle, TensorSplit, epoch_order
+from trainer_core.data import DataBundle, TensorSplit
 from trainer_core.testing import HookRecorder, run_tiny, tiny_model
 from trainer_core.trainer import Trainer
 
@@ -74,7 +74,7 @@ class Finished:
         self.recorder = HookRecorder()
         self.snapshots = GradSnapshots()
         self.trainer = run_tiny(
-            {"tensorboard": TensorBoard(histogram_every_n_steps=None), "class-accuracy": quiet_class_accuracy(),
+            {"tensorboard": TensorBoard(histogram_every_n_steps=None, train_accuracy=True), "class-accuracy": quiet_class_accuracy(),
              "recorder": self.recorder,
              "grads": self.snapshots},
             run_dir=self.run, log_every_n_steps=2,
@@ -118,8 +118,8 @@ def test_every_evaluation_metric_equals_metrics_jsonl(finished: Finished) -> Non
 
 def test_graph_and_one_image_grid(finished: Finished) -> None:
     assert any("Linear" in node.name for node in finished.events.Graph().node)
-    grids = finished.events.Images("images/train_batch")
-    assert [event.step for event in grids] == [0]  # once, not per epoch
+    grids = finished.events.Images("images/val_batch")
+    assert [event.step for event in grids] == [3]  # once, at the first evaluation, not per epoch
     # 16 images of 4x4, 8 a row, 2 pixels of padding.
     assert (grids[0].width, grids[0].height) == (8 * 6 + 2, 2 * 6 + 2)
 
@@ -152,7 +152,7 @@ def test_pr_curves_of_the_last_evaluation_from_true_labels(finished: Finished) -
 
 def test_pr_curves_use_true_labels_not_predictions(tmp_path: Path) -> None:
     trainer = run_tiny(fit=False)
-    plugin = TensorBoard(log_dir=tmp_path / "tb")
+    plugin = TensorBoard(log_dir=tmp_path / "tb", images=0, graph=False)
     plugin.on_fit_start(trainer=trainer)
     plugin.on_eval_start(trainer=trainer)
     generator = torch.Generator().manual_seed(1)
@@ -160,7 +160,7 @@ def test_pr_curves_use_true_labels_not_predictions(tmp_path: Path) -> None:
     outputs = torch.randn(30, 3, generator=generator)
     outputs[torch.arange(30), (targets + 1) % 3] += 4.0  # the model is wrong about almost every sample
     for first, last in ((0, 16), (16, 30)):  # a full and a partial batch
-        plugin.on_eval_batch(trainer=trainer, targets=targets[first:last], outputs=outputs[first:last])
+        plugin.on_eval_batch(trainer=trainer, inputs=outputs[first:last], targets=targets[first:last], outputs=outputs[first:last])
     trainer.state.step = 7
     plugin.on_eval(trainer=trainer, metrics={"epoch": 1, "step": 7, "val/acc": 0.0})
     plugin.on_fit_end(trainer=trainer)
@@ -246,13 +246,12 @@ def test_images_are_de_normalised(tmp_path: Path) -> None:
     )
     plugin = TensorBoard(images=5, graph=False, pr_curves=False, histogram_every_n_steps=0)
     run_tiny({"tensorboard": plugin}, data=data, run_dir=tmp_path / "run", epochs=1)
-    (grid,) = read_events(tmp_path / "run" / "tensorboard").Images("images/train_batch")
+    (grid,) = read_events(tmp_path / "run" / "tensorboard").Images("images/val_batch")
     from PIL import Image
 
     pixels = np.asarray(Image.open(io.BytesIO(grid.encoded_image_string)).convert("RGB")).astype(int)
     assert pixels.shape == (8, 5 * 6 + 2, 3)
-    first_batch = raw[epoch_order(20, seed=0, epoch=1)[:5]]
-    for k, image in enumerate(first_batch):
+    for k, image in enumerate(raw[:5]):  # the first validation batch: the split's first images
         cell = pixels[2:6, 2 + 6 * k : 6 + 6 * k].transpose(2, 0, 1)
         assert np.abs(cell - image.numpy().astype(int)).max() <= 1  # the original pixel values
 
@@ -422,7 +421,7 @@ BUILTINS = ["progress", "tensorboard", "class-accuracy", "steplr", "checkpoint",
 def test_with_every_builtin_in_any_order(tmp_path: Path) -> None:
     orders = [BUILTINS, BUILTINS[::-1], BUILTINS[3:] + BUILTINS[:3]]
     options = ["-o", "steplr.step_size=1", "-o", "steplr.gamma=0.5", "-o", "freeze.unfreeze_at_epoch=2",
-               "-o", "tensorboard.histogram_every_n_steps=none",
+               "-o", "tensorboard.histogram_every_n_steps=none", "-o", "tensorboard.train_accuracy=true",
                "-o", "checkpoint.monitor=val/acc/class0", "-o", "checkpoint.restore_best=false"]
     results = []
     for index, order in enumerate(orders):
@@ -519,18 +518,18 @@ def distributed_worker(rank: int, world_size: int, folder: str) -> None:
     try:
         trainer = run_tiny(fit=False)
         trainer.rank = rank
-        board = TensorBoard(log_dir=Path(folder) / "tb", images=0, graph=False, histogram_every_n_steps=0)
+        board = TensorBoard(log_dir=Path(folder) / "tb", images=0, graph=False, histogram_every_n_steps=0, train_accuracy=True)
         classes = ClassAccuracy(table=False)
         for plugin in (board, classes):
             plugin.on_fit_start(trainer=trainer)
         for targets, outputs in shard_batches(rank, seed=1):
-            board.on_batch_end(trainer=trainer, inputs=outputs, targets=targets, outputs=outputs)
+            board.on_batch_end(trainer=trainer, targets=targets, outputs=outputs)
         trainer.state.step = 4
         board.on_train_log(trainer=trainer, metrics={"train/loss": 1.0, "train/samples": 13.0, "lr": 0.05})
         board.on_eval_start(trainer=trainer)
         classes.on_eval_start(trainer=trainer)
         for targets, outputs in shard_batches(rank, seed=2):
-            board.on_eval_batch(trainer=trainer, targets=targets, outputs=outputs)
+            board.on_eval_batch(trainer=trainer, inputs=outputs, targets=targets, outputs=outputs)
             classes.on_eval_batch(targets=targets, outputs=outputs)
         metrics = classes.collect_eval_metrics(trainer=trainer)
         board.collect_eval_metrics(trainer=trainer)
@@ -566,3 +565,9 @@ def test_distributed_counts_are_summed_over_ranks(tmp_path: Path) -> None:
         logged = tensor_util.make_ndarray(reader.Tensors(f"pr/class{index}")[0].tensor_proto)
         truth = compute_curve(labels=(targets == index).numpy(), predictions=probs[:, index].numpy(), num_thresholds=PR_THRESHOLDS)
         np.testing.assert_allclose(logged, truth, rtol=1e-6, atol=1e-6)
+
+
+def test_training_accuracy_is_opt_in(tmp_path: Path) -> None:
+    run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run", log_every_n_steps=2)
+    tags = set(read_events(tmp_path / "run" / "tensorboard").Tags()["scalars"])
+    assert {"train/loss", "lr/group0", "val/acc"} <= tags and "train/acc" not in tags

@@ -53,7 +53,7 @@ def test_recipes_keep_the_seed_settings() -> None:
     for name, dataset in (("mnist-mlp-tensorboard", "mnist"), ("fashion-mnist-mlp", "fashion-mnist")):
         config = load_config(SOURCE_RECIPES / f"{name}.toml")
         assert seed_settings(config) == ("mlp", dataset, 2, 100, "adam", 0.001)
-        assert config.model_options == {"hidden": 100} and "tensorboard" in config.plugins
+        assert config.model_options == {"hidden": 100} and config.plugins["tensorboard"] == {"train_accuracy": True}
     for name, momentum in (("hymenoptera-resnet18", 0.0), ("hymenoptera-resnet18-momentum", 0.9)):
         config = load_config(SOURCE_RECIPES / f"{name}.toml")
         assert seed_settings(config) == ("resnet18", "imagefolder", 20, 4, "sgd", 0.001) and config.momentum == momentum
