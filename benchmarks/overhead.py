@@ -9,7 +9,8 @@ thread count, interleaved and repeated, it times
   (a) the seed's hand-written loop (train an epoch, then evaluate, like the seed),
   (b) ``Trainer`` with no plugins,
   (c) ``Trainer`` with every built-in plugin on (tensorboard, steplr, checkpoint
-      every epoch, class-accuracy, progress),
+      every epoch, class-accuracy, progress), at their defaults,
+  (c+) the same with tensorboard's opt-in training accuracy,
 
 for the seed CNN (3x32x32) and the seed MLP (1x28x28) at batch sizes 4 and 128.
 Before timing it checks that (a) and (b) end with bit-identical weights.
@@ -206,6 +207,7 @@ def variants_for(subject: Subject, data: DataBundle, batch_size: int, folder: Pa
         "a hand-written": lambda: hand_written(subject.fresh(), data, batch_size),
         "b trainer, no plugins": trainer_with({}),
         "c trainer, all built-ins": trainer_with(ALL_PLUGINS),
+        "c+ and train accuracy": trainer_with({**ALL_PLUGINS, "tensorboard": {"train_accuracy": True}}),
     }
     if each_plugin:
         variants.update({f"  {name} alone": trainer_with({name: options}) for name, options in ALL_PLUGINS.items()})
@@ -214,7 +216,7 @@ def variants_for(subject: Subject, data: DataBundle, batch_size: int, folder: Pa
 
         def lightning_with(logging: bool) -> Callable[[], Timing]:
             return lambda: Timing(*with_lightning(subject.fresh(), data, batch_size, epochs=EPOCHS, lr=LR, seed=SEED,
-                                                  per_step_logging=logging, folder=folder))
+                                                  per_step_logging=logging, folder=folder.with_name("lightning")))
         variants["L lightning, everything off"] = lightning_with(False)
         variants["L lightning, per-step logging"] = lightning_with(True)
     return variants
@@ -278,7 +280,8 @@ def report(title: str, per_step: dict[str, list[float]]) -> None:
             ratios = [100 * (v / b - 1) for v, b in zip(values, base)]
             q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
             micros = statistics.median(1e6 * (v - b) for v, b in zip(values, base))
-            line += f"  {micros:+8.1f} us  {statistics.median(ratios):+6.1f} %  [{q1:+.1f}, {q3:+.1f}]"
+            line += (f"  {micros:+8.1f} us  {statistics.median(ratios):+6.1f} %  [{q1:+.1f}, {q3:+.1f}]"
+                     f"  min/min {100 * (min(values) / min(base) - 1):+6.1f} %")
         print(line)
 
 
