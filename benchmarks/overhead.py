@@ -6,10 +6,12 @@
 In one process, on identical in-memory data, model, optimizer, seed and
 thread count, interleaved and repeated, it times
 
-  (a) the seed's hand-written loop (train an epoch, then evaluate, like the seed),
-  (b) ``Trainer`` with no plugins,
-  (c) ``Trainer`` with every built-in plugin on (tensorboard, steplr, checkpoint
-      every epoch, class-accuracy, progress), at their defaults,
+  (a)  the seed's hand-written loop (train an epoch, then evaluate, like the seed),
+  (b)  ``Trainer`` with no plugins,
+  (b') the same again, as a gauge of the noise: what it differs from (b) is
+       the host, not the code,
+  (c)  ``Trainer`` with every built-in plugin on (tensorboard, steplr,
+       checkpoint every epoch, class-accuracy, progress), at their defaults,
   (c+) the same with tensorboard's opt-in training accuracy,
 
 for the seed CNN (3x32x32) and the seed MLP (1x28x28) at batch sizes 4 and 128.
@@ -18,14 +20,16 @@ Each run trains two epochs.  It prints the median time per training step with
 the min-max range, and the overhead of each variant over (a): per repeat, the
 ratio to the (a) run of the same repeat (runs next to each other in time, so
 the host's slow drifts cancel), then the median and interquartile range of
-those ratios.  Once for the steady state (the second epoch's training steps:
-what a long run pays per step), once for whole runs (adding each run's fixed
-costs: setup, evaluations, the TensorBoard graph and images, checkpoint files),
-amortised over the run's steps.  Every variant trains the same model object,
-reset to the same initial weights, so no variant gets luckier memory placement.
-``--each-plugin`` also times each built-in alone; ``--with-lightning`` (only
-if Lightning is installed) adds the same model through Lightning's Trainer,
-everything off and with per-step logging to TensorBoard.
+those ratios; and the ratio of the fastest runs (min/min), the runs least
+disturbed by neighbours on a shared machine.  Once for the steady state (the
+second epoch's training steps: what a long run pays per step), once for whole
+runs (adding each run's fixed costs: setup, evaluations, the TensorBoard graph
+and images, checkpoint files), amortised over the run's steps.  Every variant
+trains the same model object, reset to the same initial weights, so no
+variant gets luckier memory placement.  ``--each-plugin`` also times each
+built-in alone; ``--with-lightning`` (only if Lightning is installed) adds the
+same model through Lightning's Trainer, everything off and with per-step
+logging to TensorBoard.
 """
 
 from __future__ import annotations
@@ -206,6 +210,7 @@ def variants_for(subject: Subject, data: DataBundle, batch_size: int, folder: Pa
     variants = {
         "a hand-written": lambda: hand_written(subject.fresh(), data, batch_size),
         "b trainer, no plugins": trainer_with({}),
+        "b' the same again (noise gauge)": trainer_with({}),
         "c trainer, all built-ins": trainer_with(ALL_PLUGINS),
         "c+ and train accuracy": trainer_with({**ALL_PLUGINS, "tensorboard": {"train_accuracy": True}}),
     }
