@@ -14,7 +14,9 @@ thread count, interleaved and repeated, it times
        checkpoint every epoch, class-accuracy, progress), at their defaults,
   (c+) the same with tensorboard's opt-in training accuracy,
 
-for the seed CNN (3x32x32) and the seed MLP (1x28x28) at batch sizes 4 and 128.
+for the seed CNN (3x32x32) and the seed MLP (1x28x28) at batch sizes 4 and 128
+(``--cases null``: a single Linear layer, whose step is mostly the loop around
+it, to see the framework's own cost in microseconds).
 Before timing it checks that (a) and (b) end with bit-identical weights.
 Each run trains two epochs.  It prints the median time per training step with
 the min-max range, and the overhead of each variant over (a): per repeat, the
@@ -38,6 +40,7 @@ import argparse
 import contextlib
 import copy
 import io
+import math
 import statistics
 import sys
 import tempfile
@@ -67,9 +70,16 @@ ALL_PLUGINS = {
 }
 SEED, LR, EPOCHS = 0, 0.001, 2
 
+def build_null(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Next to no compute (16 inputs, 10 outputs): its step is mostly the loop
+    around it, so the framework's cost per step shows in microseconds."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
 CASES = {
     "cnn": ("seed CNN 3x32x32", (3, 32, 32), build_convnet),
     "mlp": ("seed MLP 1x28x28", (1, 28, 28), build_mlp),
+    "null": ("null model 1x4x4 (one Linear)", (1, 4, 4), build_null),
 }
 
 
@@ -234,7 +244,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per epoch (default: 250 at batch sizes under 128, else 100: "
                              "whole logging intervals of 50)")
-    parser.add_argument("--cases", default="cnn,mlp", help="which seed models: cnn, mlp or both")
+    parser.add_argument("--cases", default="cnn,mlp", help="cnn, mlp (the seed models) and null (a model with next to no "
+                                                         "compute, to see the framework's own cost per step)")
     parser.add_argument("--batch-sizes", default="4,128")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for one GPU (data resident on it)")
     parser.add_argument("--each-plugin", action="store_true", help="also time each built-in plugin alone")

@@ -258,7 +258,7 @@ def test_tensorboard_training_accuracy_is_exact_across_a_mid_interval_resume(tmp
     from test_plugin_tensorboard import read_events, scalars
 
     def board() -> dict[str, object]:
-        return {"tensorboard": TensorBoard(images=0, graph=False, pr_curves=False, histogram_every_n_steps=0)}
+        return {"tensorboard": TensorBoard(images=0, graph=False, pr_curves=False, histogram_every_n_steps=0, train_accuracy=True)}
 
     fit(tmp_path / "straight", 3, {**plugins(), **board()}, log_every_n_steps=3)
     with pytest.raises(PluginError):

@@ -353,9 +353,9 @@ class Trainer:
     def _interval_loss_sum(self) -> float:
         if not self._pending:
             return self._carried_loss
-        losses = torch.stack(self._pending).double()
-        sizes = torch.tensor(self._pending_sizes, dtype=torch.float64, device=losses.device)
-        return self._carried_loss + float(losses @ sizes)
+        # One read-back for the interval; weighted and summed in double precision on the host.
+        losses = torch.stack(self._pending).tolist()
+        return self._carried_loss + math.fsum(loss * size for loss, size in zip(losses, self._pending_sizes))
 
     def _interval_samples(self) -> int:
         return self._carried_samples + sum(self._pending_sizes)
