@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.files import atomic_write_bytes
 
