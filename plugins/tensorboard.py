@@ -172,10 +172,10 @@ class TensorBoard:
         self._next_write = time.monotonic() + self.flush_secs
         if not self._unwritten:
             return
-        held = [c for _, _, c in self._unwritten if c is not None]
-        counts = iter(torch.stack(held).tolist() if held else [])
-        for step, values, held_counts in self._unwritten:
-            right, seen = next(counts) if held_counts is not None else (0, 0)
+        # Every interval holds its counts, or (training accuracy off) none does.
+        counts = (torch.stack([c for _, _, c in self._unwritten]).tolist() if self.train_accuracy
+                  else [(0, 0)] * len(self._unwritten))
+        for (step, values, _), (right, seen) in zip(self._unwritten, counts):
             if seen:
                 values["train/acc"] = right / seen
             self._add_scalars(trainer, values, step)

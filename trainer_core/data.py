@@ -179,10 +179,9 @@ class Batches:
         ``stopping`` says whether the run was asked to stop: then a loader that
         fails (its worker processes got the same signal) ends the iteration
         instead of raising."""
-        if self.tensors is not None:
-            yield from self._from_tensors(self.tensors, epoch, start_batch)
-        else:
-            yield from self._from_loader(epoch, start_batch, stopping)
+        if self.tensors is not None:  # (the generators themselves: no extra layer per batch)
+            return self._from_tensors(self.tensors, epoch, start_batch)
+        return self._from_loader(epoch, start_batch, stopping)
 
     def _from_tensors(self, tensors: TensorSplit, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = self.share
