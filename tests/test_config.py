@@ -76,6 +76,7 @@ def test_a_missing_file_is_named(tmp_path):
     ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
     ({"accumulate_grad_batches": 0}, r"accumulate_grad_batches must be >= 1"),
     ({"clip_grad_norm": -1}, r"clip_grad_norm must be > 0"),
+    ({"compile_mode": "reduce-overhead"}, r"compile_mode 'reduce-overhead' needs compile = true \(add --compile\)"),
 ])
 def test_out_of_range_values_are_refused(settings, message):
     with pytest.raises(UsageError, match=message):

@@ -164,8 +164,9 @@ def test_training_throughput_is_recorded(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_trains_and_reports_compile_time_apart(tmp_path):
-    trainer = run_tiny(compile=True, epochs=3, run_dir=tmp_path / "run")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # (CUDA graphs need a GPU: on the CPU the mode only has to work)
+def test_compile_trains_and_reports_compile_time_apart(tmp_path, mode):
+    trainer = run_tiny(compile=True, compile_mode=mode, epochs=3, run_dir=tmp_path / "run")
     assert trainer.forward_model is not trainer.model  # the compiled wrapper runs the steps
     assert trainer.state.metrics["val/acc"] >= 0.9
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -186,6 +186,9 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
                   help="32-bit, or mixed precision with bf16 or fp16 (fp16 scales gradients).  [default: 32]")
     @click.option("--channels-last", is_flag=True, default=None, help="Channels-last memory format (faster convolutions on GPUs).")
     @click.option("--compile", is_flag=True, default=None, help="torch.compile the model (compile time is reported apart).")
+    @click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
+                  help="With --compile: torch.compile's mode; reduce-overhead replays CUDA graphs, "
+                       "for small models whose GPU steps wait on kernel launches.  [default: default]")
     @click.option("--accumulate-grad-batches", type=int, help="Batches whose gradients add up before one optimizer step.  [default: 1]")
     @click.option("--clip-grad-norm", type=float, help="Clip the gradients' total norm to this value.")
     @click.option("--nonfinite", type=click.Choice(["stop", "skip"]),

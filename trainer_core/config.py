@@ -42,6 +42,7 @@ class RunConfig:
     precision: Literal["32", "bf16", "16"] = "32"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     accumulate_grad_batches: int = 1
     clip_grad_norm: float | None = None
     nonfinite: Literal["stop", "skip"] = "stop"
@@ -66,6 +67,8 @@ class RunConfig:
              f"accumulate_grad_batches must be >= 1 (got {self.accumulate_grad_batches})"),
             (self.clip_grad_norm is None or self.clip_grad_norm > 0,
              f"clip_grad_norm must be > 0 (got {self.clip_grad_norm})"),
+            (self.compile or self.compile_mode == "default",
+             f"compile_mode {self.compile_mode!r} needs compile = true (add --compile)"),
             (self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0 (got {self.num_workers})"),
         ]
         for ok, message in checks:

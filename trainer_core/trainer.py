@@ -87,7 +87,7 @@ class Trainer:
         if c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # What runs the forward pass: the model itself, or its compiled form (same parameters).
-        self.forward_model: nn.Module = torch.compile(self.model) if c.compile else self.model  # type: ignore[assignment]
+        self.forward_model: nn.Module = self._compiled(self.model) if c.compile else self.model
         self.autocast = autocast_for(c.precision, self.device)
         batching = dict(mean=data.mean, std=data.std, channels_last=c.channels_last, num_workers=c.num_workers,
                         rank=self.rank, world_size=self.world_size)
@@ -439,6 +439,9 @@ class Trainer:
     def _trainable(self) -> list[int]:
         return [id(p) for p in self.model.parameters() if p.requires_grad]
 
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        return torch.compile(module, mode=self.config.compile_mode)  # type: ignore[return-value]
+
     def _wrap_for_ranks(self) -> None:
         """Train through DistributedDataParallel, which averages gradients across
         ranks during ``backward``.  ``self.model`` stays the plain module, so
@@ -447,7 +450,7 @@ class Trainer:
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         wrapped = DistributedDataParallel(self.model, device_ids=ids)
-        self.train_forward = torch.compile(wrapped) if self.config.compile else wrapped
+        self.train_forward = self._compiled(wrapped) if self.config.compile else wrapped
         self._wrapped = self._trainable()
 
     def _agree(self, *sums: float) -> list[float]:
