@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 5's GPU benchmarks in one unattended run, under 5 minutes on one NVIDIA GPU:
 #   - throughput through Trainer with the data on the GPU (benchmarks/throughput.py):
-#     the seed CNN at batch 512, eager then compiled; ResNet-18 at batch 256, fp32 vs bf16 + channels-last
+#     the host's kernel launch time; the seed CNN at batch 512 written by hand (the baseline), then through
+#     the trainer eager, compiled, and compiled with CUDA graphs; ResNet-18 at batch 256, fp32 vs bf16 + channels-last
 #     (with PyTorch's default cudnn.benchmark off, then on);
 #   - the overhead benchmark (hand-written loop vs Trainer), where benchmarks/overhead.py takes --device.
 #
@@ -77,7 +78,7 @@ main() {
         return 3
     fi
 
-    step "throughput: seed CNN, eager then compiled" 120 \
+    step "throughput: seed CNN, by hand, eager, compiled, CUDA graphs" 150 \
         "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --only cnn $QUICK
     step "throughput: ResNet-18, fp32 vs bf16 + channels-last, cudnn.benchmark off then on" 90 \
         "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --only resnet --cudnn-benchmark-too $QUICK

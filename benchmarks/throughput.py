@@ -4,8 +4,11 @@
 
 Issue 5's GPU measurements, in samples per second of training:
 
-  cnn     the seed CNN (``convnet``, 3x32x32, 10 classes) at batch 512: eager,
-          then compiled (``compile=True``; compilation time reported apart);
+  cnn     the seed CNN (``convnet``, 3x32x32, 10 classes) at batch 512: the
+          same training written by hand (the baseline: what the host allows),
+          then through the trainer eager, compiled (``compile=True``;
+          compilation time reported apart) and compiled with
+          ``compile_mode="reduce-overhead"`` (CUDA graphs);
   resnet  ResNet-18 (torchvision's, random weights, 3x224x224, 1000 classes) at
           batch 256: fp32, then bf16 autocast with channels-last; with
           ``--cudnn-benchmark-too`` both again with ``torch.backends.cudnn.benchmark``
@@ -22,7 +25,9 @@ training phase (``on_epoch_start``, ``on_eval_start``), so evaluations are not
 timed.  On a GPU the eager CNN case then trains one more, untimed epoch with
 PyTorch's sync debug mode on and counts the host synchronisations in it: the
 trainer's own are a few per logging interval; as many as the steps means a
-synchronisation in every step.
+synchronisation in every step.  On a GPU it first measures how long the host
+takes to launch one small kernel, and counts the kernels of one hand-written
+CNN step: a small model's GPU step is often no faster than its launches.
 
 ``--quick`` shrinks every size so the whole script runs on a CPU in seconds (to
 check that it works; its numbers mean nothing) and skips compilation unless
@@ -73,7 +78,9 @@ class Case:
     precision: str = "32"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     cudnn_benchmark: bool = False
+    hand_written: bool = False  # the seed's loop instead of the trainer
 
 
 @dataclass
@@ -141,6 +148,114 @@ def synthetic_data(case: Case, device: torch.device) -> DataBundle:
                       case.shape, mean=(0.5,) * case.shape[0], std=(0.25,) * case.shape[0])
 
 
+def hand_written_step(model: nn.Module, data: DataBundle) -> Callable[[torch.Tensor], None]:
+    """One training step of the seed's loop on a batch of indices, with the
+    trainer's normalisation and optimizer, so that it does the same work."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    x, y = data.train.inputs, data.train.targets  # type: ignore[union-attr]
+    mean = torch.tensor(data.mean, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(data.std, device=x.device).view(-1, 1, 1)
+
+    def step(index: torch.Tensor) -> None:
+        images = (x[index].float().div_(255) - mean) / std
+        loss = criterion(model(images), y[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def run_hand_written(case: Case, device: torch.device, timed_epochs: int) -> Result:
+    """The baseline: ``case`` trained by the seed's loop, timed like :func:`run_case`."""
+    torch.manual_seed(0)
+    model = case.build(case.shape, case.classes).to(device)
+    data = synthetic_data(case, device)
+    step = hand_written_step(model, data)
+    seconds = []
+    for epoch in range(1 + timed_epochs):
+        order = torch.randperm(case.steps * case.batch, device=device)
+        synchronize(device)
+        started = time.perf_counter()
+        for first in range(0, len(order), case.batch):
+            step(order[first : first + case.batch])
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    samples = case.steps * case.batch
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return Result([samples / s for s in seconds[1:]], data.train.inputs.nbytes / 2**20,  # type: ignore[union-attr]
+                  seconds[0], None, peak, None)
+
+
+def launch_report(device: torch.device) -> None:
+    """How fast this host launches kernels, and how many one seed-CNN step launches:
+    their product is the least time such a step can take however fast the GPU."""
+    x = torch.zeros(1, device=device)
+    for _ in range(100):
+        x.add_(1)
+    synchronize(device)
+    count = 5000
+    started = time.perf_counter()
+    for _ in range(count):
+        x.add_(1)
+    synchronize(device)
+    launch_us = (time.perf_counter() - started) / count * 1e6
+    case = Case("", build_convnet, (3, 32, 32), 10, 512, 4)
+    model = build_convnet(case.shape, case.classes).to(device)
+    step = hand_written_step(model, synthetic_data(case, device))
+    index = torch.arange(case.batch, device=device)
+    step(index)  # the optimizer's state and cuDNN's choices are made in the first step
+    synchronize(device)
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(index)
+            synchronize(device)
+        kernels = sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as exc:  # a diagnostic: the profiler may be unavailable in a sandbox
+        print(f"kernel launch: {launch_us:.1f} us per small kernel (counting a step's kernels failed: {exc})")
+        return
+    if not kernels:
+        print(f"kernel launch: {launch_us:.1f} us per small kernel (the profiler saw no kernels)")
+        return
+    print(f"kernel launch: {launch_us:.1f} us per small kernel; one seed CNN step (batch 512, written by hand) runs "
+          f"{kernels} kernels and copies: at least {kernels * launch_us / 1000:.2f} ms a step, at most "
+          f"{case.batch / (kernels * launch_us) * 1e6:,.0f} samples/s on this host, however fast the GPU", flush=True)
+    try:
+        rate = whole_step_graph_rate(step, case, device)
+    except Exception as exc:  # a diagnostic, like the count above
+        print(f"whole-step CUDA graph: failed ({type(exc).__name__}: {exc})")
+        return
+    print(f"the same step captured whole in one CUDA graph and replayed (by hand, no trainer): {rate:,.0f} samples/s: "
+          "what this GPU does when the host launches next to nothing", flush=True)
+
+
+def whole_step_graph_rate(step: Callable[[torch.Tensor], None], case: Case, device: torch.device) -> float:
+    """Samples/s of ``step`` (already run once) replayed from one CUDA graph: the GPU's own speed."""
+    index = torch.arange(case.batch, device=device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
+            step(index)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(index)
+    orders = torch.randint(0, case.steps * case.batch, (200, case.batch), device=device)
+    for order in orders[:10]:
+        index.copy_(order)
+        graph.replay()
+    synchronize(device)
+    started = time.perf_counter()
+    for order in orders:
+        index.copy_(order)
+        graph.replay()
+    synchronize(device)
+    return len(orders) * case.batch / (time.perf_counter() - started)
+
+
 def run_case(case: Case, device: torch.device, timed_epochs: int, audit: bool) -> Result:
     """Train ``case`` for one warm-up epoch, ``timed_epochs`` timed ones and,
     with ``audit``, one more with the sync debug mode on; return its timings."""
@@ -150,7 +265,8 @@ def run_case(case: Case, device: torch.device, timed_epochs: int, audit: bool) -
     audit_epoch = 2 + timed_epochs if audit else None
     config = RunConfig(epochs=1 + timed_epochs + audit, batch_size=case.batch, lr=1e-3, optimizer="sgd",
                        momentum=0.9, seed=0, device=str(device), precision=case.precision,  # type: ignore[arg-type]
-                       channels_last=case.channels_last, compile=case.compile, plugins={})
+                       channels_last=case.channels_last, compile=case.compile, compile_mode=case.compile_mode,  # type: ignore[arg-type]
+                       plugins={})
     clock = EpochClock(device, audit_epoch)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -224,10 +340,13 @@ def cases(args: argparse.Namespace) -> dict[str, list[Case]]:
     resnet_shape = (3, side, side)
     cnn_batch, cnn_steps = (16, 2) if quick else (512, args.cnn_steps)
     res_batch, res_steps = (4, 1) if quick else (256, args.resnet_steps)
-    cnn = [Case(f"seed CNN 3x32x32, batch {cnn_batch}, eager", build_convnet, cnn_shape, 10, cnn_batch, cnn_steps)]
+    seed_cnn = Case(f"seed CNN 3x32x32, batch {cnn_batch}, eager", build_convnet, cnn_shape, 10, cnn_batch, cnn_steps)
+    cnn = [dataclasses.replace(seed_cnn, name=f"seed CNN 3x32x32, batch {cnn_batch}, written by hand", hand_written=True),
+           seed_cnn]
     if not quick or args.compile_too:
-        cnn.append(Case(f"seed CNN 3x32x32, batch {cnn_batch}, compiled", build_convnet, cnn_shape, 10, cnn_batch,
-                        cnn_steps, compile=True))
+        cnn += [dataclasses.replace(seed_cnn, name=f"seed CNN 3x32x32, batch {cnn_batch}, compiled", compile=True),
+                dataclasses.replace(seed_cnn, name=f"seed CNN 3x32x32, batch {cnn_batch}, compiled, reduce-overhead",
+                                    compile=True, compile_mode="reduce-overhead")]
     name = f"ResNet-18 3x{side}x{side}, batch {res_batch}"
     resnet = [
         Case(f"{name}, fp32", build_resnet18, resnet_shape, 1000, res_batch, res_steps),
@@ -279,13 +398,18 @@ def main() -> None:
         print("QUICK MODE: tiny sizes to check the script; the numbers mean nothing"
               + ("" if args.compile_too else "; compilation skipped (--compile-too runs it)"))
     print(flush=True)
+    if device.type == "cuda" and "cnn" in wanted:
+        launch_report(device)
     results: dict[str, Result] = {}
     failed = []
     for group in wanted:
         for case in all_cases[group]:
-            audit = device.type == "cuda" and group == "cnn" and not case.compile
+            audit = device.type == "cuda" and group == "cnn" and not case.compile and not case.hand_written
             try:
-                results[case.name] = result = run_case(case, device, timed_epochs, audit)
+                if case.hand_written:
+                    results[case.name] = result = run_hand_written(case, device, timed_epochs)
+                else:
+                    results[case.name] = result = run_case(case, device, timed_epochs, audit)
             except Exception as exc:  # one case's failure (out of memory, a compiler error) must not lose the others
                 traceback.print_exc()
                 first_line = (str(exc).strip().splitlines() or [""])[0]
@@ -295,10 +419,14 @@ def main() -> None:
             report(case, result, log_every)
     print()
     cnn = [results.get(case.name) for case in all_cases["cnn"]] if "cnn" in wanted else []
-    if cnn and cnn[0] is not None:
-        print(f"seed CNN eager: {cnn[0].median:,.0f} samples/s (target >= {CNN_TARGET:,} on an H100-class card)")
-        if len(cnn) > 1 and cnn[1] is not None:
-            print(f"seed CNN compiled / eager: {cnn[1].median / cnn[0].median:.2f}x")
+    hand, eager, *compiled = cnn or [None, None]
+    if eager is not None:
+        print(f"seed CNN eager: {eager.median:,.0f} samples/s (target >= {CNN_TARGET:,} on an H100-class card)")
+        if hand is not None:
+            print(f"seed CNN eager through the trainer / written by hand: {eager.median / hand.median:.3f}x")
+        for case, result in zip(all_cases["cnn"][2:], compiled):
+            if result is not None:
+                print(f"{case.name} / eager: {result.median / eager.median:.2f}x ({result.median:,.0f} samples/s)")
     resnet = [results.get(case.name) for case in all_cases["resnet"]] if "resnet" in wanted else []
     for fp32, mixed, how in zip(resnet[0::2], resnet[1::2], ["", ", both with cudnn.benchmark"]):
         if fp32 is not None and mixed is not None:

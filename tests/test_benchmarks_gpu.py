@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RATE = re.compile(r"^(?P<case>[^:\n]+): (?P<rate>[\d,]+) samples/s  \[", re.MULTILINE)
 QUICK_CASES = [
+    "seed CNN 3x32x32, batch 16, written by hand",
     "seed CNN 3x32x32, batch 16, eager",
     "ResNet-18 3x32x32, batch 4, fp32",
     "ResNet-18 3x32x32, batch 4, bf16 + channels-last",
@@ -39,6 +40,7 @@ def test_throughput_quick_reports_every_case_on_the_cpu() -> None:
     ratio = re.search(r"^ResNet-18 bf16 \+ channels-last / fp32: ([\d.]+)x", out, re.MULTILINE)
     assert ratio is not None and float(ratio[1]) > 0
     assert re.search(r"^seed CNN eager: [\d,]+ samples/s \(target", out, re.MULTILINE)
+    assert re.search(r"^seed CNN eager through the trainer / written by hand: [\d.]+x$", out, re.MULTILINE)
 
 
 def test_throughput_refuses_an_unknown_case_and_a_missing_device() -> None:
