@@ -71,6 +71,28 @@ class ZeroOnly:
         (self.out / f"zero-only-ran-on-rank{trainer.rank}").write_text("")
 
 
+class SyncCounter:
+    """Counts the gradient all-reduces of this rank's DistributedDataParallel (a comm hook)."""
+
+    def __init__(self, out: str = "") -> None:
+        self.out = Path(out)
+        self.syncs = 0
+
+    @hookimpl
+    def on_fit_start(self, trainer):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting(state, bucket):
+            self.syncs += 1
+            return allreduce_hook(state, bucket)
+        trainer.train_forward.register_comm_hook(None, counting)
+
+    @hookimpl
+    def on_fit_end(self, trainer):
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"syncs-rank{trainer.rank}").write_text(str(self.syncs))
+
+
 class Boom:
     """Raises on one rank at one step."""
 
@@ -115,7 +137,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The probe package, importable here and (through PYTHONPATH) in the runs' processes."""
     folder = write_fake_distribution(
         tmp_path_factory.mktemp("site"), "dist-probe",
-        {"trainer.plugins": {"probe": "dist_probe:Probe", "zero-only": "dist_probe:ZeroOnly", "boom": "dist_probe:Boom"}},
+        {"trainer.plugins": {"probe": "dist_probe:Probe", "zero-only": "dist_probe:ZeroOnly", "boom": "dist_probe:Boom",
+                            "sync-counter": "dist_probe:SyncCounter"}},
         modules={"dist_probe": PROBE},
     )
     sys.path.insert(0, str(folder))
@@ -274,6 +297,30 @@ def test_resume_two_to_one_and_one_to_two(runs: dict[str, Path]) -> None:
     # The checkpoint plugin's state came along: it still knows the best checkpoint of the first part.
     checkpoint = torch.load(runs["root"] / "two-then-one" / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["state"]["step"] == 36 and checkpoint["optimizer"]["state"]
+
+
+@pytest.mark.slow
+def test_accumulating_ranks_all_reduce_only_in_the_batch_that_steps(site: Path, tmp_path: Path) -> None:
+    # 12 batches an epoch, 3 to a step: 4 optimizer steps an epoch, 8 in all.
+    job = [*JOB, "--epochs", "2", "--accumulate-grad-batches", "3"]
+    two = run_processes(
+        ["-m", "trainer_core", "run", "--nproc-per-node", "2", *job, "--run-dir", str(tmp_path / "two"),
+         "--plugins", "sync-counter", "-o", f"sync-counter.out={tmp_path / 'syncs'}", *probe(tmp_path / "two-probe")],
+        site,
+    )
+    assert two.returncode == 0, two.stderr
+    # One all-reduce per optimizer step (the tiny model's gradients fit one bucket), not one per batch (24).
+    assert [(tmp_path / "syncs" / f"syncs-rank{rank}").read_text() for rank in (0, 1)] == ["8", "8"]
+    run_here([*job, "--run-dir", str(tmp_path / "one"), *probe(tmp_path / "one-probe")])
+    one, two_ranks = (torch.load(tmp_path / f"{name}-probe" / "rank0.pt", weights_only=True) for name in ("one", "two"))
+    # The same updates as one process accumulating the same batches.
+    assert [n for _, _, n in one["losses"]] == [n for _, _, n in two_ranks["losses"]]
+    for (step, a, _), (_, b, _) in zip(one["losses"], two_ranks["losses"]):
+        assert b == pytest.approx(a, rel=RTOL), f"step {step}"
+    assert_close_params(one["params"], two_ranks["params"])
+    rank1 = torch.load(tmp_path / "two-probe" / "rank1.pt", weights_only=True)
+    for key, value in two_ranks["params"].items():
+        assert torch.equal(value, rank1["params"][key]), key
 
 
 @pytest.mark.slow

@@ -45,6 +45,10 @@ class Stepper:
         self.skipped = 0
         self.stepped = False  # whether the last call ended in an optimizer step
 
+    def will_step(self, last_batch: bool) -> bool:
+        """Whether the next batch ends in an optimizer step (unless skipped for a non-finite loss)."""
+        return self.waiting + 1 >= self.accumulate or last_batch
+
     def backward_and_step(self, loss: torch.Tensor, last_batch: bool, trainer: Any) -> bool:
         """Accumulate ``loss``'s gradients; step when enough batches are in (or the
         epoch ends).  Return ``False`` when the batch was skipped for a

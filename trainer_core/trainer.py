@@ -100,6 +100,7 @@ class Trainer:
         self.quiet = False
         self.train_forward = self.forward_model  # what training calls: DistributedDataParallel's wrapper when distributed
         self._wrapped: list[int] = []  # the trainable parameters DDP was built for
+        self._ddp: torch.nn.parallel.DistributedDataParallel | None = None  # the wrapper, when distributed
         self._stop_vote: str | None = None  # a stop this rank asked for, not yet agreed with the others
         self._pending: list[torch.Tensor] = []  # detached batch losses since the last log
         self._pending_sizes: list[int] = []
@@ -294,10 +295,15 @@ class Trainer:
         if self.distributed and self._trainable() != self._wrapped:
             self._wrap_for_ranks()  # a plugin (un)froze parameters: DDP must reduce the new set
         model = self.train_forward
+        # While gradients accumulate, the ranks need not average them: only the batch that steps
+        # all-reduces (what DistributedDataParallel.no_sync does, decided before each forward pass).
+        defer_sync = self._ddp if self._ddp is not None and stepper.accumulate > 1 else None
         started = time.perf_counter()
         for batch_idx, (inputs, targets) in enumerate(self.train_batches.iterate(state.epoch, first, self._stopped_by_signal), first):
             if batch_start:
                 batch_start(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets)
+            if defer_sync is not None:
+                defer_sync.require_backward_grad_sync = stepper.will_step(batch_idx == last)
             with self.autocast():
                 outputs = model(inputs)
                 loss = self.loss_fn(outputs, targets)
@@ -321,6 +327,8 @@ class Trainer:
                 self._log_interval()
             if state.should_stop:
                 break
+        if defer_sync is not None:
+            defer_sync.require_backward_grad_sync = True
         # The epoch's last, partial interval.  A run stopped mid-epoch keeps it pending (its
         # checkpoint carries it), so a resumed run logs the same intervals as one never stopped.
         if (self._pending or self._carried_samples) and state.batch_idx == len(self.train_batches):
@@ -449,7 +457,7 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        wrapped = self._ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.train_forward = self._compiled(wrapped) if self.config.compile else wrapped
         self._wrapped = self._trainable()
 
