@@ -2,7 +2,8 @@
 # Issue 5's GPU benchmarks in one unattended run, under 5 minutes on one NVIDIA GPU:
 #   - throughput through Trainer with the data on the GPU (benchmarks/throughput.py):
 #     the host's kernel launch time; the seed CNN at batch 512 written by hand (the baseline), then through
-#     the trainer eager, compiled, and compiled with CUDA graphs; ResNet-18 at batch 256, fp32 vs bf16 + channels-last
+#     the trainer eager, compiled, and compiled with CUDA graphs; then with cudnn.benchmark, bf16, and at batch 2048;
+#     ResNet-18 at batch 256, fp32 vs bf16 + channels-last
 #     (with PyTorch's default cudnn.benchmark off, then on);
 #   - the overhead benchmark (hand-written loop vs Trainer), where benchmarks/overhead.py takes --device.
 #
@@ -80,6 +81,8 @@ main() {
 
     step "throughput: seed CNN, by hand, eager, compiled, CUDA graphs" 150 \
         "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --only cnn $QUICK
+    step "throughput: seed CNN with cudnn.benchmark, bf16, CUDA graphs, batch 2048" 120 \
+        "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --only cnn-more $QUICK
     step "throughput: ResNet-18, fp32 vs bf16 + channels-last, cudnn.benchmark off then on" 90 \
         "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --only resnet --cudnn-benchmark-too $QUICK
 

@@ -9,6 +9,9 @@ Issue 5's GPU measurements, in samples per second of training:
           then through the trainer eager, compiled (``compile=True``;
           compilation time reported apart) and compiled with
           ``compile_mode="reduce-overhead"`` (CUDA graphs);
+  cnn-more  the seed CNN with cudnn.benchmark, with bf16 + channels-last, compiled
+          with CUDA graphs and cudnn.benchmark, and eager at batch 2048 (what
+          else moves its rate);
   resnet  ResNet-18 (torchvision's, random weights, 3x224x224, 1000 classes) at
           batch 256: fp32, then bf16 autocast with channels-last; with
           ``--cudnn-benchmark-too`` both again with ``torch.backends.cudnn.benchmark``
@@ -212,16 +215,19 @@ def launch_report(device: torch.device) -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step(index)
             synchronize(device)
-        kernels = sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+        on_gpu = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+        kernels, gpu_us = len(on_gpu), sum(event.time_range.elapsed_us() for event in on_gpu)
     except Exception as exc:  # a diagnostic: the profiler may be unavailable in a sandbox
         print(f"kernel launch: {launch_us:.1f} us per small kernel (counting a step's kernels failed: {exc})")
         return
-    if not kernels:
+    if not kernels or not gpu_us:
         print(f"kernel launch: {launch_us:.1f} us per small kernel (the profiler saw no kernels)")
         return
     print(f"kernel launch: {launch_us:.1f} us per small kernel; one seed CNN step (batch 512, written by hand) runs "
           f"{kernels} kernels and copies: at least {kernels * launch_us / 1000:.2f} ms a step, at most "
-          f"{case.batch / (kernels * launch_us) * 1e6:,.0f} samples/s on this host, however fast the GPU", flush=True)
+          f"{case.batch / (kernels * launch_us) * 1e6:,.0f} samples/s on this host, however fast the GPU; they run "
+          f"for {gpu_us:,.0f} us on the GPU (at most {case.batch / gpu_us * 1e6:,.0f} samples/s however fast the host)",
+          flush=True)
     try:
         rate = whole_step_graph_rate(step, case, device)
     except Exception as exc:  # a diagnostic, like the count above
@@ -355,13 +361,27 @@ def cases(args: argparse.Namespace) -> dict[str, list[Case]]:
     ]
     if args.cudnn_benchmark_too:
         resnet += [dataclasses.replace(case, name=f"{case.name}, cudnn.benchmark", cudnn_benchmark=True) for case in resnet]
-    return {"cnn": cnn, "resnet": resnet}
+    # What else moves the seed CNN's rate: cuDNN's search, bf16, CUDA graphs, a batch that amortises launches.
+    big_batch, big_steps = (64, 2) if quick else (2048, max(1, cnn_steps // 4))
+    cnn_more = [
+        dataclasses.replace(seed_cnn, name=f"{seed_cnn.name}, cudnn.benchmark", cudnn_benchmark=True),
+        dataclasses.replace(seed_cnn, name=f"{seed_cnn.name}, bf16 + channels-last, cudnn.benchmark", precision="bf16",
+                            channels_last=True, cudnn_benchmark=True),
+        dataclasses.replace(seed_cnn, name=f"seed CNN 3x32x32, batch {big_batch}, eager", batch=big_batch,
+                            steps=big_steps),
+    ]
+    if not quick or args.compile_too:
+        cnn_more.insert(2, dataclasses.replace(
+            seed_cnn, name=f"seed CNN 3x32x32, batch {cnn_batch}, compiled, reduce-overhead, cudnn.benchmark",
+            compile=True, compile_mode="reduce-overhead", cudnn_benchmark=True))
+    return {"cnn": cnn, "cnn-more": cnn_more, "resnet": resnet}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, cpu, ...")
-    parser.add_argument("--only", default="cnn,resnet", help="comma-separated cases: cnn, resnet (default both)")
+    parser.add_argument("--only", default="cnn,resnet", help="comma-separated cases: cnn, resnet (default both), cnn-more (the seed CNN with "
+                             "cudnn.benchmark, bf16, CUDA graphs, and at batch 2048)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: checks the script, numbers mean nothing")
     parser.add_argument("--cudnn-benchmark-too", action="store_true",
                         help="also time both ResNet-18 cases with torch.backends.cudnn.benchmark on")
@@ -375,7 +395,7 @@ def main() -> None:
     all_cases = cases(args)
     unknown = [name for name in wanted if name not in all_cases]
     if unknown or not wanted:
-        parser.error(f"--only takes cnn and/or resnet, comma-separated (got {args.only!r})")
+        parser.error(f"--only takes cnn, cnn-more and/or resnet, comma-separated (got {args.only!r})")
     for option in ("epochs", "cnn_steps", "resnet_steps", "resnet_size"):
         value = getattr(args, option)
         if value is not None and value < 1:
