@@ -199,9 +199,10 @@ class Checkpoint:
             self.kept = kept  # before the state is taken, so the files record themselves
             files.insert(0, name)
         self._saved_step, self._due = state.step, False
+        rank_states = trainer.rank_random_states() if trainer.distributed else None  # every rank takes part
         if not trainer.is_main:
             return
-        payload = trainer.checkpoint_state()
+        payload = trainer.checkpoint_state(rank_states)
         for name in files:
             save_checkpoint(self.folder / name, payload)
         for name in evicted:

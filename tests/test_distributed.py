@@ -324,6 +324,26 @@ def test_accumulating_ranks_all_reduce_only_in_the_batch_that_steps(site: Path, 
 
 
 @pytest.mark.slow
+def test_a_resume_in_as_many_processes_continues_every_rank_s_random_stream(site: Path, tmp_path: Path) -> None:
+    # Dropout draws from each rank's own random stream: rank 1's masks after the resume
+    # match the uninterrupted run only if its stream was saved and restored too.
+    job = [arg if arg != "model.dropout=0" else "model.dropout=0.3" for arg in JOB] + ["--epochs", "2"]
+
+    def two_processes(*args: str) -> None:
+        done = run_processes(["-m", "trainer_core", "run", "--nproc-per-node", "2", *job, *args], site)
+        assert done.returncode == 0, done.stderr
+
+    two_processes("--run-dir", str(tmp_path / "whole"), *probe(tmp_path / "whole-probe"))
+    [first_epoch] = (tmp_path / "whole" / "checkpoints").glob("best-epoch001-*.pt")
+    assert len(torch.load(first_epoch, weights_only=True)["rank_rng"]) == 2
+    two_processes("--resume", str(first_epoch), "--run-dir", str(tmp_path / "resumed"), *probe(tmp_path / "resumed-probe"))
+    whole, resumed = (torch.load(tmp_path / f"{name}-probe" / "rank0.pt", weights_only=True) for name in ("whole", "resumed"))
+    for key, value in whole["params"].items():
+        assert torch.equal(value, resumed["params"][key]), key
+    assert resumed["losses"] == whole["losses"][12:]  # the second epoch's losses, bit for bit
+
+
+@pytest.mark.slow
 def test_a_plugin_raising_on_rank_one_ends_the_run_with_its_error(site: Path, tmp_path: Path) -> None:
     result = run_processes(
         ["-m", "trainer_core", "run", "--nproc-per-node", "2", *JOB, "--epochs", "2", "--run-dir", str(tmp_path / "run"),

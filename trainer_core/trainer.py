@@ -6,6 +6,7 @@ Everything a user turns on is a plugin reacting to the events this loop emits
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -152,8 +153,22 @@ class Trainer:
         """Wait until every rank gets here (nothing in one process)."""
         distributed.barrier()
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Everything the run's future depends on, keyed for :meth:`load_checkpoint_state`."""
+    def rank_random_states(self) -> list[dict[str, object]]:
+        """Every rank's random state, in rank order, for :meth:`checkpoint_state`.
+        In a run of several processes every rank must call it (it gathers)."""
+        # As torch.save bytes: gathered as objects, their tensors fail to arrive (torch 2.14, gloo).
+        buffer = io.BytesIO()
+        torch.save(rng_state(), buffer)
+        return [torch.load(io.BytesIO(data), weights_only=True)
+                for data in distributed.all_gather_object(buffer.getvalue())]
+
+    def checkpoint_state(self, rank_random_states: list[dict[str, object]] | None = None) -> dict[str, Any]:
+        """Everything the run's future depends on, keyed for :meth:`load_checkpoint_state`.
+
+        :param rank_random_states: :meth:`rank_random_states`, so that every rank of
+            a resumed run of as many processes continues its own random stream;
+            without it, ranks other than zero start fresh streams on resume.
+        """
         return {
             "format": FORMAT,
             "trainer_core": __version__,
@@ -165,6 +180,7 @@ class Trainer:
             "epoch_totals": [self._epoch_loss, self._epoch_samples],
             "pending": [self._interval_loss_sum(), self._interval_samples()],
             "rng": rng_state(),
+            "rank_rng": rank_random_states,
             "config": self.config.to_toml(),
         }
 
@@ -172,8 +188,9 @@ class Trainer:
         """Write :meth:`checkpoint_state` to ``path`` atomically.  In a run of
         several processes every rank calls it: rank zero writes, and all wait
         until the file is complete."""
+        rank_states = self.rank_random_states() if self.distributed else None
         if self.is_main:
-            save_checkpoint(path, self.checkpoint_state())
+            save_checkpoint(path, self.checkpoint_state(rank_states))
         distributed.barrier()
 
     def load_checkpoint_state(self, payload: Mapping[str, Any]) -> None:
@@ -201,9 +218,13 @@ class Trainer:
                 raise UsageError(f"checkpoint's optimizer state does not fit this run's parameters: {_first_line(exc)}") from None
         if self.stepper is not None and payload.get("stepper"):
             self.stepper.load_state_dict(payload["stepper"])
-        set_rng_state(payload["rng"])
-        if self.rank > 0:  # the checkpoint holds rank zero's random state; the others start fresh streams
-            seed_everything(distributed.rank_seed(self.config.seed, self.rank) + self.state.step)
+        rank_states = payload.get("rank_rng")
+        if rank_states is not None and len(rank_states) == self.world_size:
+            set_rng_state(rank_states[self.rank])
+        else:
+            set_rng_state(payload["rng"])
+            if self.rank > 0:  # saved by another number of processes (or by rank zero alone): fresh streams
+                seed_everything(distributed.rank_seed(self.config.seed, self.rank) + self.state.step)
         if self._carried_samples and self.state.batch_idx % self.config.log_every_n_steps == 0:
             # Saved in on_batch_end of a logging step, before its log: emit that log now, as the first run did.
             self._log_interval()
