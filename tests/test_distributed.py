@@ -93,6 +93,18 @@ class SyncCounter:
         (self.out / f"syncs-rank{trainer.rank}").write_text(str(self.syncs))
 
 
+class Poison:
+    """Makes one rank's inputs NaN at one step (the whole batch's in one process)."""
+
+    def __init__(self, rank: int = 1, step: int = 3) -> None:
+        self.rank, self.step = rank, step
+
+    @hookimpl
+    def on_batch_start(self, trainer, inputs):
+        if trainer.rank == self.rank and trainer.state.step + 1 == self.step:
+            inputs.fill_(float("nan"))
+
+
 class Boom:
     """Raises on one rank at one step."""
 
@@ -138,7 +150,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = write_fake_distribution(
         tmp_path_factory.mktemp("site"), "dist-probe",
         {"trainer.plugins": {"probe": "dist_probe:Probe", "zero-only": "dist_probe:ZeroOnly", "boom": "dist_probe:Boom",
-                            "sync-counter": "dist_probe:SyncCounter"}},
+                            "sync-counter": "dist_probe:SyncCounter", "poison": "dist_probe:Poison"}},
         modules={"dist_probe": PROBE},
     )
     sys.path.insert(0, str(folder))
@@ -341,6 +353,26 @@ def test_a_resume_in_as_many_processes_continues_every_rank_s_random_stream(site
     for key, value in whole["params"].items():
         assert torch.equal(value, resumed["params"][key]), key
     assert resumed["losses"] == whole["losses"][12:]  # the second epoch's losses, bit for bit
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(site: Path, tmp_path: Path) -> None:
+    job = [*JOB, "--epochs", "1", "--nonfinite", "skip", "--plugins", "poison", "-o", "poison.step=3"]
+    two = run_processes(["-m", "trainer_core", "run", "--nproc-per-node", "2", *job, "--run-dir", str(tmp_path / "two"),
+                         *probe(tmp_path / "two-probe")], site)
+    assert two.returncode == 0, two.stderr
+    # The same step skipped in one process, whose whole batch is poisoned.
+    run_here([*job, "-o", "poison.rank=0", "--run-dir", str(tmp_path / "one"), *probe(tmp_path / "one-probe")])
+    for name in ("one", "two"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert (summary["status"], summary["skipped_steps"], summary["steps"]) == ("completed", 1, 12), name
+    one, two_ranks = (torch.load(tmp_path / f"{name}-probe" / "rank0.pt", weights_only=True) for name in ("one", "two"))
+    rank1 = torch.load(tmp_path / "two-probe" / "rank1.pt", weights_only=True)
+    for key, value in two_ranks["params"].items():
+        assert torch.isfinite(value).all() and torch.equal(value, rank1["params"][key]), key
+    assert_close_params(one["params"], two_ranks["params"])
+    # Step 3's samples are counted nowhere: 91 samples less the batch of 8.
+    assert sum(n for _, _, n in two_ranks["losses"]) == sum(n for _, _, n in one["losses"]) == 91 - 8
 
 
 @pytest.mark.slow

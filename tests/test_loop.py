@@ -1,6 +1,7 @@
 """The loop itself: reproducibility, options that change a step, signals, non-finite losses."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import torch
 from trainer_core import TrainerError, hookimpl
 from trainer_core.data import DataBundle, TensorSplit
 from trainer_core.runtime import select_device
-from trainer_core.testing import run_tiny, tiny_data
+from trainer_core.testing import HookRecorder, run_tiny, tiny_data
 
 
 def weights(trainer):
@@ -109,6 +110,14 @@ def test_non_finite_steps_can_be_skipped(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_steps"] == 3 and summary["status"] == "completed"  # one poisoned batch per epoch
     assert trainer.state.metrics["val/acc"] >= 0.9
+
+
+def test_a_logging_interval_of_skipped_steps_only_logs_nothing(tmp_path):
+    recorder = HookRecorder()
+    trainer = run_tiny({"recorder": recorder}, data=poisoned_data(), nonfinite="skip", log_every_n_steps=1, epochs=2)
+    logs = [kwargs["metrics"] for kwargs in recorder.kwargs("on_train_log")]
+    assert len(logs) == trainer.state.step - 2  # one per step but the two skipped ones
+    assert all(math.isfinite(m["train/loss"]) and m["train/samples"] > 0 for m in logs)
 
 
 SLOW_PLUGIN = """

@@ -192,7 +192,8 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--accumulate-grad-batches", type=int, help="Batches whose gradients add up before one optimizer step.  [default: 1]")
     @click.option("--clip-grad-norm", type=float, help="Clip the gradients' total norm to this value.")
     @click.option("--nonfinite", type=click.Choice(["stop", "skip"]),
-                  help="On a NaN/inf loss: stop the run, or skip such steps (one host sync per step).  [default: stop]")
+                  help="On a NaN/inf loss: stop the run, or skip such steps (one host sync per step; "
+                       "every process skips a step non-finite on any).  [default: stop]")
     @click.option("--num-workers", type=int, help="Loader processes for file-backed datasets.  [default: cores - 1, at most 4]")
     @click.option("--nproc-per-node", type=int, metavar="N",
                   help="Train in N processes on this machine, started by torchrun: one per GPU, or CPU processes with gloo. "

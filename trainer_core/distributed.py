@@ -242,8 +242,7 @@ def all_gather_object(obj: P) -> list[P]:
 def check_config(config: RunConfig, size: int | None = None) -> None:
     """Refuse settings a run of ``size`` processes (default: this run's) cannot
     honour: a global batch that does not split evenly over the ranks (each
-    takes the same share of every step), and skipping non-finite steps (each
-    rank would decide alone which steps to skip, and DDP would wait forever)."""
+    takes the same share of every step)."""
     size = world_size() if size is None else size
     if size == 1:
         return
@@ -252,8 +251,6 @@ def check_config(config: RunConfig, size: int | None = None) -> None:
             f"batch size {config.batch_size} is the global batch and must split evenly over {size} processes; "
             f"use a multiple of {size}"
         )
-    if config.nonfinite == "skip":
-        raise UsageError("--nonfinite skip is not available in a run of several processes yet; use --nonfinite stop")
 
 
 def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
+from trainer_core import distributed
 from trainer_core.config import RunConfig
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
@@ -23,6 +24,13 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextMa
     if dtype is None:
         return contextlib.nullcontext
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on every rank: the ranks of a distributed run
+    skip a batch together (one host sync, and one all-reduce between ranks)."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    return bool(distributed.all_reduce(finite, "min"))
 
 
 class Stepper:
@@ -53,7 +61,7 @@ class Stepper:
         """Accumulate ``loss``'s gradients; step when enough batches are in (or the
         epoch ends).  Return ``False`` when the batch was skipped for a
         non-finite loss (only with ``nonfinite = "skip"``)."""
-        finite = not self.skip_nonfinite or bool(torch.isfinite(loss))  # one host sync, only in skip mode
+        finite = not self.skip_nonfinite or all_finite(loss)
         if finite:
             if self.accumulate > 1:
                 loss = loss / self.accumulate

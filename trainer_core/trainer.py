@@ -365,6 +365,8 @@ class Trainer:
         self._pending.clear()
         self._pending_sizes.clear()
         self._carried_loss, self._carried_samples = 0.0, 0
+        if not samples:  # every batch of the interval was skipped for a non-finite loss: no loss to report
+            return
         if not math.isfinite(total):
             raise TrainerError(
                 f"training loss became {total} in epoch {self.state.epoch} by step {self.state.step}; "
