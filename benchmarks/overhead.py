@@ -155,7 +155,7 @@ def hand_written(model: nn.Module, data: DataBundle, batch_size: int, track_loss
             epoch_steps += 1
             if track_loss:
                 running_loss += loss.item()
-                if epoch_steps % 50 == 0:
+                if epoch_steps % 50 == 0:  # what the seed writes to TensorBoard; kept, as it would be
                     interval_means.append(running_loss / 50)
                     running_loss = 0.0
         sync()

@@ -178,7 +178,9 @@ class Checkpoint:
         import torch
 
         weights = [t for t in trainer.model.state_dict().values() if t.is_floating_point()]
-        if weights and not bool(torch.stack([torch.isfinite(t).all() for t in weights]).all()):
+        finite = torch.stack([torch.isfinite(t).all() for t in weights]).all() if weights else torch.tensor(True)
+        # Decided alike on every rank (batch-norm statistics differ between ranks): the ranks then gather together.
+        if not bool(trainer.all_reduce(finite.to(torch.int32).reshape(1), "min")):
             log.warning("checkpoint: the weights hold NaN or infinity at step %d; not saving over the previous checkpoints",
                         trainer.state.step)
             return

@@ -279,6 +279,23 @@ def test_commands_in_a_real_subprocess(trained: dict) -> None:
     assert done.returncode == 2 and done.stderr.strip().startswith("error: checkpoint") and "\n" not in done.stderr.strip()
 
 
+@pytest.mark.slow
+def test_eval_of_a_run_with_loader_processes_exits_when_done(tmp_path: Path) -> None:
+    # Loader processes ignore stop signals (the trainer acts on them), so the trainer must end
+    # them itself; a command that leaves its loader running would wait for it forever at exit.
+    from test_datasets import write_image_tree
+
+    write_image_tree(tmp_path / "images", per_class=4, size=(12, 12))
+    run = [sys.executable, "-m", "trainer_core", "run", "--dataset", "imagefolder", "--data-root", str(tmp_path / "images"),
+           "-o", "dataset.image_size=8", "--model", "mlp", "--num-workers", "2", "--epochs", "1", "-q",
+           "--plugins", "checkpoint", "--run-dir", str(tmp_path / "run")]
+    assert subprocess.run(run, capture_output=True, text=True, timeout=120).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "trainer_core", "eval", "--checkpoint", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "accuracy" in done.stdout
+
+
 def test_the_cli_stays_light_to_import() -> None:
     code = "import sys, trainer_core.cli as c; c.make_cli(); print(sorted(m for m in ('torch', 'PIL', 'numpy') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

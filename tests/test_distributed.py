@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,35 @@ class Poison:
             inputs.fill_(float("nan"))
 
 
+class StopAt:
+    """Asks for a stop on rank 0 after one step."""
+
+    def __init__(self, step: int = 5) -> None:
+        self.step = step
+
+    @hookimpl
+    def on_batch_end(self, trainer):
+        if trainer.rank == 0 and trainer.state.step == self.step:
+            trainer.request_stop(f"asked at step {self.step}")
+
+
+class Hold:
+    """Holds every rank after one step until that rank receives a stop signal (a minute at most)."""
+
+    def __init__(self, step: int = 3) -> None:
+        self.step = step
+
+    @hookimpl
+    def on_batch_end(self, trainer):
+        import time
+
+        if trainer.state.step == self.step:
+            print(f"rank {trainer.rank} holding after step {self.step}", flush=True)
+            deadline = time.monotonic() + 60
+            while trainer.signals.received is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+
 class Boom:
     """Raises on one rank at one step."""
 
@@ -150,7 +180,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = write_fake_distribution(
         tmp_path_factory.mktemp("site"), "dist-probe",
         {"trainer.plugins": {"probe": "dist_probe:Probe", "zero-only": "dist_probe:ZeroOnly", "boom": "dist_probe:Boom",
-                            "sync-counter": "dist_probe:SyncCounter", "poison": "dist_probe:Poison"}},
+                            "sync-counter": "dist_probe:SyncCounter", "poison": "dist_probe:Poison",
+                            "hold": "dist_probe:Hold", "stop-at": "dist_probe:StopAt"}},
         modules={"dist_probe": PROBE},
     )
     sys.path.insert(0, str(folder))
@@ -356,8 +387,13 @@ def test_a_resume_in_as_many_processes_continues_every_rank_s_random_stream(site
 
 
 @pytest.mark.slow
-def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(site: Path, tmp_path: Path) -> None:
-    job = [*JOB, "--epochs", "1", "--nonfinite", "skip", "--plugins", "poison", "-o", "poison.step=3"]
+@pytest.mark.parametrize("accumulate, step, size", [(1, 3, 8), (3, 12, 3)], ids=["a-step", "the-last-of-an-accumulation"])
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(
+    site: Path, tmp_path: Path, accumulate: int, step: int, size: int
+) -> None:
+    # Skipping the epoch's last batch, which was to average the accumulated gradients, steps with them averaged anyway.
+    job = [*JOB, "--epochs", "1", "--nonfinite", "skip", "--plugins", "poison", "-o", f"poison.step={step}",
+           "--accumulate-grad-batches", str(accumulate)]
     two = run_processes(["-m", "trainer_core", "run", "--nproc-per-node", "2", *job, "--run-dir", str(tmp_path / "two"),
                          *probe(tmp_path / "two-probe")], site)
     assert two.returncode == 0, two.stderr
@@ -371,8 +407,57 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(site: Path, 
     for key, value in two_ranks["params"].items():
         assert torch.isfinite(value).all() and torch.equal(value, rank1["params"][key]), key
     assert_close_params(one["params"], two_ranks["params"])
-    # Step 3's samples are counted nowhere: 91 samples less the batch of 8.
-    assert sum(n for _, _, n in two_ranks["losses"]) == sum(n for _, _, n in one["losses"]) == 91 - 8
+    # The poisoned batch's samples are counted nowhere.
+    assert sum(n for _, _, n in two_ranks["losses"]) == sum(n for _, _, n in one["losses"]) == 91 - size
+
+
+@pytest.mark.slow
+def test_a_checkpoint_after_a_poisoned_step_is_refused_on_every_rank_alike(site: Path, tmp_path: Path) -> None:
+    # The skipped batch's forward pass still made rank 1's batch-norm statistics NaN (until the next
+    # forward pass brings rank 0's), and the ranks agree to stop right after it: the save at the
+    # stop must be refused on both ranks, or rank 0 would wait for rank 1 in the save's gathering.
+    job = ["-m", "trainer_core", "run", "--nproc-per-node", "2", "--dataset", "fake", "-o", "dataset.channels=3",
+           "-o", "dataset.image_size=32", "-o", "dataset.train_size=48", "-o", "dataset.val_size=16",
+           "-o", "dataset.num_classes=4", "--model", "resnet18", "--batch-size", "8", "--epochs", "1", "--optimizer", "sgd",
+           "--nonfinite", "skip", "--log-every", "3", "--plugins", "poison,stop-at,checkpoint", "-o", "poison.step=3",
+           "-o", "stop-at.step=3", "-o", "checkpoint.restore_best=false", "--run-dir", str(tmp_path / "run")]
+    done = run_processes(job, site)
+    assert done.returncode == 0, done.stderr
+    assert "stopped early: asked at step 3" in done.stdout
+    assert "the weights hold NaN or infinity at step 3" in done.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_with_loader_workers_stops_every_rank_and_resumes(
+    site: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    # As Ctrl-C or a job scheduler sends it: torchrun, both ranks and their loader processes get it.
+    from test_datasets import write_image_tree
+
+    write_image_tree(tmp_path / "images", per_class=16, size=(12, 12))  # 32 training images: 8 steps of 4
+    job = ["-m", "trainer_core", "run", "--nproc-per-node", "2", "--dataset", "imagefolder", "--data-root",
+           str(tmp_path / "images"), "-o", "dataset.image_size=8", "--model", "mlp", "--num-workers", "2",
+           "--epochs", "2", "--batch-size", "4", "--log-every", "5", "-q", "--plugins", "checkpoint",
+           "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen([sys.executable, *job, "--plugins", "hold"], env=env_with(site), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    held = 0
+    for line in iter(proc.stdout.readline, ""):  # (ends early if the run does)
+        held += "holding after step 3" in line
+        if held == 2:
+            break
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert held == 2 and proc.returncode == 128 + signum, err
+    # The ranks stop together at the next logging step and the checkpoint plugin saves there.
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] == 5
+    resumed = run_processes([*job, "--resume", "auto"], site)
+    assert resumed.returncode == 0, resumed.stderr
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert (last["state"]["epoch"], last["state"]["step"]) == (2, 16)
 
 
 @pytest.mark.slow

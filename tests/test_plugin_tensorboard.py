@@ -571,3 +571,20 @@ def test_training_accuracy_is_opt_in(tmp_path: Path) -> None:
     run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run", log_every_n_steps=2)
     tags = set(read_events(tmp_path / "run" / "tensorboard").Tags()["scalars"])
     assert {"train/loss", "lr/group0", "val/acc"} <= tags and "train/acc" not in tags
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on an H200: both agree)")
+def test_training_accuracy_under_cuda_graphs_is_the_eager_one(tmp_path: Path) -> None:
+    # tensorboard keeps each batch's outputs until the interval's log; CUDA graphs replay into the
+    # same buffers, so the trainer must hand plugins a copy (without it: "accessing tensor output
+    # of CUDAGraphs that has been overwritten").
+    def accuracies(name: str, **settings: Any) -> list[float]:
+        run_tiny({"tensorboard": TensorBoard(train_accuracy=True)}, device="cuda", epochs=3, log_every_n_steps=2,
+                 run_dir=tmp_path / name, **settings)
+        return [value for _, value in scalars(read_events(tmp_path / name / "tensorboard"), "train/acc")]
+
+    eager = accuracies("eager")
+    graphed = accuracies("graphed", compile=True, compile_mode="reduce-overhead")
+    assert len(graphed) == len(eager) == 6
+    assert graphed == pytest.approx(eager, abs=0.1)

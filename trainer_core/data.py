@@ -13,8 +13,11 @@ gives each rank a contiguous part of the split instead: every sample once.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import signal
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
 
@@ -136,12 +139,14 @@ class Batches:
             self.tensors = None
             self.sampler = EpochBatchSampler(self)
             workers = default_workers() if num_workers is None else num_workers
+            _open_loaders.add(self)
             self.loader = DataLoader(
                 ReadErrorsNamed(split),
                 batch_sampler=self.sampler,
                 num_workers=workers,
                 pin_memory=device.type == "cuda",
                 persistent_workers=workers > 0,  # workers outlive an epoch: no start-up cost per epoch
+                worker_init_fn=ignore_stop_signals,
             )
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, device=device).view(shape) if mean is not None else None
@@ -150,6 +155,15 @@ class Batches:
     def __len__(self) -> int:
         """Steps per epoch: the same on every rank for training."""
         return self.steps
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (a later epoch starts new ones).  They
+        ignore stop signals, so they must be told: left to the interpreter's exit,
+        they would keep it waiting."""
+        iterator = getattr(self.loader, "_iterator", None) if self.tensors is None else None
+        if iterator is not None:
+            iterator._shutdown_workers()  # what the iterator does when collected, now rather than at exit
+            self.loader._iterator = None  # type: ignore[union-attr]
 
     def _training_positions(self) -> torch.Tensor:
         """Where this rank's samples sit in an epoch's order, step after step
@@ -269,6 +283,28 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches) - self.start
+
+
+_open_loaders: weakref.WeakSet[Batches] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """At exit, stop the loader processes still running (``trainer eval`` leaves its own).
+    Registered after multiprocessing's exit handler (torch imports multiprocessing
+    first), so it runs before it: that one would stop them with SIGTERM, which they
+    ignore, and wait for them forever."""
+    for batches in list(_open_loaders):
+        batches.close()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Run in each loader process: SIGINT and SIGTERM sent to the whole process
+    group (Ctrl-C, a job scheduler) are the trainer's to act on, at a step every
+    rank agrees on, so the loader must keep serving batches until then.  A loader
+    process still ends with the trainer: PyTorch's workers exit when their parent does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_workers() -> int:

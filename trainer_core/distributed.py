@@ -19,7 +19,7 @@ import datetime
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Literal, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence, TypeVar
 
 from trainer_core.errors import TrainerError, UsageError
 
@@ -234,6 +234,26 @@ def all_gather_object(obj: P) -> list[P]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_state(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``state``, tensors included, in rank order."""
+    import io
+
+    import torch
+
+    # As torch.save bytes: gathered as objects, the tensors in them fail to arrive (torch 2.14, gloo).
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in all_gather_object(buffer.getvalue())]
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients over the ranks, as DistributedDataParallel's backward does."""
+    size = world_size()
+    for parameter in parameters:
+        if parameter.grad is not None:
+            all_reduce(parameter.grad).div_(size)
 
 
 # -- splitting data between ranks ---------------------------------------------

@@ -147,7 +147,9 @@ def on_batch_end(
     :param batch_idx: index of the batch within the epoch, from 0.
     :param inputs: the batch's inputs, on the device.
     :param targets: the batch's class indices, on the device.
-    :param outputs: the model's logits for the batch, detached.
+    :param outputs: the model's logits for the batch, detached; a plugin may
+        keep them past the step (with ``compile_mode = "reduce-overhead"``, whose
+        CUDA graphs reuse their buffers, they are a copy).
     :param loss: the batch's mean loss, detached, on the device.
     :param optimizer_stepped: whether the optimizer stepped after this batch
         (not while gradients accumulate, nor for a batch skipped for a

@@ -38,15 +38,20 @@ class Stepper:
 
     :param before_step: called (with ``optimizer=``) when gradients are complete
         and unscaled, just before clipping and the step; ``None`` for no call.
+    :param average_gradients: averages the gradients over the ranks, for a step
+        whose last batch was skipped when that batch was to average them (ranks
+        that accumulate all-reduce in the batch that steps); ``None`` when the
+        ranks do not defer it.
     """
 
     def __init__(self, config: RunConfig, device: torch.device, optimizer: torch.optim.Optimizer,
-                 before_step: Callable[..., Any] | None) -> None:
+                 before_step: Callable[..., Any] | None, average_gradients: Callable[[], None] | None = None) -> None:
         self.optimizer = optimizer
         self.accumulate = config.accumulate_grad_batches
         self.clip = config.clip_grad_norm
         self.skip_nonfinite = config.nonfinite == "skip"
         self.before_step = before_step
+        self.average_gradients = average_gradients
         # Gradient scaling keeps small fp16 gradients from flushing to zero; bf16 does not need it.
         self.scaler = torch.amp.GradScaler(device.type) if config.precision == "16" else None
         self.waiting = 0  # batches whose gradients are accumulated but not yet stepped
@@ -74,6 +79,8 @@ class Stepper:
         if not self.stepped:
             return finite
         self.waiting = 0
+        if not finite and self.average_gradients is not None:
+            self.average_gradients()
         optimizer = self.optimizer
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)

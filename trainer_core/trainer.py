@@ -6,7 +6,6 @@ Everything a user turns on is a plugin reacting to the events this loop emits
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -156,11 +155,7 @@ class Trainer:
     def rank_random_states(self) -> list[dict[str, object]]:
         """Every rank's random state, in rank order, for :meth:`checkpoint_state`.
         In a run of several processes every rank must call it (it gathers)."""
-        # As torch.save bytes: gathered as objects, their tensors fail to arrive (torch 2.14, gloo).
-        buffer = io.BytesIO()
-        torch.save(rng_state(), buffer)
-        return [torch.load(io.BytesIO(data), weights_only=True)
-                for data in distributed.all_gather_object(buffer.getvalue())]
+        return distributed.all_gather_state(rng_state())
 
     def checkpoint_state(self, rank_random_states: list[dict[str, object]] | None = None) -> dict[str, Any]:
         """Everything the run's future depends on, keyed for :meth:`load_checkpoint_state`.
@@ -251,6 +246,8 @@ class Trainer:
                 raise PluginError(f"plugin '{fault[0]}' failed in {fault[1]}: {type(exc).__name__}: {exc}") from exc
             raise
         finally:
+            self.train_batches.close()
+            self.val_batches.close()
             if self.run_dir is not None:
                 try:
                     if self.is_main:
@@ -271,7 +268,9 @@ class Trainer:
             self._wrap_for_ranks()
         self.optimizer = OPTIMIZERS[self.config.optimizer](params, self.config)
         self._hot = {name: direct_caller(self.pm, name) for name in hook_names()}
-        self.stepper = Stepper(self.config, self.device, self.optimizer, self._hot["on_before_optimizer_step"])
+        deferring = self._ddp is not None and self.config.accumulate_grad_batches > 1  # (see _train_epoch)
+        self.stepper = Stepper(self.config, self.device, self.optimizer, self._hot["on_before_optimizer_step"],
+                               self._average_gradients if deferring else None)
         self._emit("on_fit_start", trainer=self)
         if self.resume is not None:
             self.load_checkpoint_state(self.resume)
@@ -319,6 +318,10 @@ class Trainer:
         # While gradients accumulate, the ranks need not average them: only the batch that steps
         # all-reduces (what DistributedDataParallel.no_sync does, decided before each forward pass).
         defer_sync = self._ddp if self._ddp is not None and stepper.accumulate > 1 else None
+        # CUDA graphs replay into the same output buffers, and a plugin may keep a batch's outputs
+        # past its step (tensorboard's training accuracy): hand it a copy then.
+        graphed = self.config.compile and self.config.compile_mode == "reduce-overhead"
+        kept = (lambda outputs: outputs.detach().clone()) if graphed else torch.Tensor.detach
         started = time.perf_counter()
         for batch_idx, (inputs, targets) in enumerate(self.train_batches.iterate(state.epoch, first, self._stopped_by_signal), first):
             if batch_start:
@@ -342,7 +345,7 @@ class Trainer:
                 state.compile_seconds = time.perf_counter() - started
                 started = time.perf_counter()
             if batch_end:
-                batch_end(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets, outputs=outputs.detach(),
+                batch_end(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets, outputs=kept(outputs),
                           loss=loss, optimizer_stepped=stepper.stepped)
             if state.batch_idx % log_every == 0:
                 self._log_interval()
@@ -469,6 +472,9 @@ class Trainer:
 
     def _trainable(self) -> list[int]:
         return [id(p) for p in self.model.parameters() if p.requires_grad]
+
+    def _average_gradients(self) -> None:
+        distributed.average_gradients(self.model.parameters())
 
     def _compiled(self, module: nn.Module) -> nn.Module:
         return torch.compile(module, mode=self.config.compile_mode)  # type: ignore[return-value]
