@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -255,6 +257,21 @@ def test_runs_lists_finished_incomplete_and_running_runs(trained: dict, tmp_path
     assert header.split()[:6] == ["name", "date", "model", "dataset", "epochs", "best"] and "val/loss" in header
     killed_line = next(line for line in lines if line.startswith("killed"))
     assert "1.2000 (epoch 2)" in killed_line and killed_line.rstrip().endswith("incomplete")
+
+
+def test_runs_dates_a_run_by_its_first_start(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "run"
+    job = ["run", "--dataset", "fake", "--epochs", "1", "-q", "--plugins", "checkpoint", "--run-dir", run]
+    assert invoke(*job)[0] == 0
+    first = json.loads((run / "summary.json").read_text())["started"]
+    assert invoke(*job[:-2], "--epochs", "2", "--run-dir", run, "--resume", "auto")[0] == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["started"] == first  # the resume keeps the first start
+    os.utime(run / "config.toml", (0, 0))  # copied, or edited: the file's time says nothing
+    code, output = invoke("runs", tmp_path / "runs", "--json")
+    assert code == 0, output
+    started = datetime.datetime.fromisoformat(first).timestamp()
+    assert json.loads(output)[0]["date"] == time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
 
 
 def test_runs_on_one_run_folder_and_errors(trained: dict, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ exactly as the run had them, then loads the trained weights.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import time
@@ -303,10 +304,16 @@ def describe_run(folder: Path, metric: str) -> dict[str, Any]:
     except OSError:
         pass
     best = best_record(records, metric)
+    # A finished run says when it first started; a running or killed one, by its config file's time.
     started = (folder / CONFIG) if (folder / CONFIG).exists() else folder
+    started_at = started.stat().st_mtime
     if isinstance(summary, dict):
         status = str(summary.get("status", "unknown"))
         duration = summary.get("duration_s")
+        try:
+            started_at = datetime.datetime.fromisoformat(str(summary["started"])).timestamp()
+        except (KeyError, ValueError):
+            pass  # a summary written before it recorded the start
     else:
         lock = folder / LOCK
         status = "running" if lock.exists() and not lock_is_stale(lock) else "incomplete"
@@ -314,7 +321,7 @@ def describe_run(folder: Path, metric: str) -> dict[str, Any]:
     return {
         "name": folder.name,
         "path": str(folder),
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started.stat().st_mtime)),
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started_at)),
         "model": _name(config.get("model")),
         "dataset": _name(config.get("dataset")),
         "epochs": records[-1].get("epoch") if records else None,

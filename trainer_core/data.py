@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import atexit
 import math
+import multiprocessing
 import os
 import signal
-import weakref
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
 
@@ -139,7 +140,6 @@ class Batches:
             self.tensors = None
             self.sampler = EpochBatchSampler(self)
             workers = default_workers() if num_workers is None else num_workers
-            _open_loaders.add(self)
             self.loader = DataLoader(
                 ReadErrorsNamed(split),
                 batch_sampler=self.sampler,
@@ -156,14 +156,6 @@ class Batches:
         """Steps per epoch: the same on every rank for training."""
         return self.steps
 
-    def close(self) -> None:
-        """Stop the loader's worker processes (a later epoch starts new ones).  They
-        ignore stop signals, so they must be told: left to the interpreter's exit,
-        they would keep it waiting."""
-        iterator = getattr(self.loader, "_iterator", None) if self.tensors is None else None
-        if iterator is not None:
-            iterator._shutdown_workers()  # what the iterator does when collected, now rather than at exit
-            self.loader._iterator = None  # type: ignore[union-attr]
 
     def _training_positions(self) -> torch.Tensor:
         """Where this rank's samples sit in an epoch's order, step after step
@@ -285,17 +277,22 @@ class EpochBatchSampler(Sampler[list[int]]):
         return len(self.batches) - self.start
 
 
-_open_loaders: weakref.WeakSet[Batches] = weakref.WeakSet()
-
-
 @atexit.register
-def _close_open_loaders() -> None:
-    """At exit, stop the loader processes still running (``trainer eval`` leaves its own).
-    Registered after multiprocessing's exit handler (torch imports multiprocessing
-    first), so it runs before it: that one would stop them with SIGTERM, which they
-    ignore, and wait for them forever."""
-    for batches in list(_open_loaders):
-        batches.close()
+def _end_daemonic_processes() -> None:
+    """At exit, end the daemonic child processes still running, as multiprocessing
+    does, but without waiting forever for loader processes (``trainer eval`` leaves
+    its own), which ignore the SIGTERM that ends the others: after a second they
+    are killed.  Registered after multiprocessing's exit handler (torch imports
+    multiprocessing first), so it runs before it."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + 1.0
+    for child in children:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 def ignore_stop_signals(worker_id: int) -> None:

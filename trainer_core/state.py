@@ -22,6 +22,8 @@ class TrainState:
     :ivar train_samples: training samples seen since the run began.
     :ivar train_seconds: wall time spent in training phases (without compilation).
     :ivar compile_seconds: wall time of the first step of a compiled model.
+    :ivar started_at: when the run first started (seconds since the epoch; a
+        resumed run keeps its first start).
     """
 
     epoch: int = 0
@@ -34,6 +36,7 @@ class TrainState:
     train_samples: int = 0
     train_seconds: float = 0.0
     compile_seconds: float = 0.0
+    started_at: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +48,7 @@ class TrainState:
             "train_samples": self.train_samples,
             "train_seconds": self.train_seconds,
             "compile_seconds": self.compile_seconds,
+            "started_at": self.started_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

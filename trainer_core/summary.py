@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import platform
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ def run_summary(trainer: Trainer, status: str, duration: float, error: str | Non
         "steps": trainer.state.step,
         "final": trainer.state.metrics,
         "best": best,
+        "started": datetime.datetime.fromtimestamp(trainer.state.started_at, datetime.timezone.utc).isoformat(
+            timespec="seconds"),
         "duration_s": round(duration, 3),
         "train_seconds": round(seconds, 3),
         "samples_per_s": round(trainer.state.train_samples / seconds, 1) if seconds > 0 else None,

@@ -230,6 +230,7 @@ class Trainer:
         """Train for ``config.epochs`` epochs (or until a plugin stops the run)."""
         status, error = "completed", None
         started = time.perf_counter()
+        self.state.started_at = self.state.started_at or time.time()  # (a resume then restores the first start)
         try:
             with self.signals:
                 self._fit()
@@ -246,8 +247,6 @@ class Trainer:
                 raise PluginError(f"plugin '{fault[0]}' failed in {fault[1]}: {type(exc).__name__}: {exc}") from exc
             raise
         finally:
-            self.train_batches.close()
-            self.val_batches.close()
             if self.run_dir is not None:
                 try:
                     if self.is_main:
