@@ -156,7 +156,6 @@ class Batches:
         """Steps per epoch: the same on every rank for training."""
         return self.steps
 
-
     def _training_positions(self) -> torch.Tensor:
         """Where this rank's samples sit in an epoch's order, step after step
         (the same every epoch): its part of each global batch."""
