@@ -7,12 +7,10 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from trainer_core import UsageError, hookimpl
-from trainer_core.pluginmanager import unused_hooks
-from trainer_core.checkpointing import CHECKPOINT_FOLDER, LAST, load_checkpoint, save_checkpoint
-from trainer_core.suggest import did_you_mean
+from trainer_core import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, UsageError, check_monitor, hookimpl, load_checkpoint,
+                          metric_mode, resolve_monitor, save_checkpoint, unused_hooks)
 
 if TYPE_CHECKING:
     import torch
@@ -20,42 +18,6 @@ if TYPE_CHECKING:
     from trainer_core import Trainer
 
 log = logging.getLogger("trainer_core.checkpoint")
-
-# What every evaluation produces, so a monitor outside these is checkable at start-up
-# when no plugin adds metrics.
-CORE_METRICS = ("val/acc", "val/loss", "train/loss")
-
-
-def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of ``metric`` is better: losses and errors (``mode = "auto"``)."""
-    return re.search("loss|err", metric) is not None
-
-
-def unknown_metric(option: str, metric: str, available: Sequence[str]) -> UsageError:
-    """The error for option ``option`` (``checkpoint.monitor``) naming a metric no evaluation produces."""
-    return UsageError(
-        f"{option}: no evaluation produces '{metric}'{did_you_mean(metric, available)}; "
-        f"available metrics: {', '.join(available)}"
-    )
-
-
-def check_monitor_at_start(trainer: Trainer, option: str, metric: str) -> None:
-    """Refuse an unknown ``metric`` before training when it is knowable: when no
-    plugin collects metrics, an evaluation produces only the core's.  Not in a
-    run of several processes: a rank-zero-only producer is missing on the other
-    ranks, which would refuse alone; the first evaluation's check (on metrics
-    every rank shares) decides there."""
-    if trainer.world_size > 1:
-        return
-    if metric not in CORE_METRICS and not trainer.pm.hook.collect_eval_metrics.get_hookimpls():
-        raise unknown_metric(option, metric, CORE_METRICS)
-
-
-def check_monitor(option: str, metric: str, metrics: Mapping[str, float]) -> None:
-    """Refuse ``metric`` when the evaluation ``metrics`` lack it."""
-    if metric not in metrics:
-        raise unknown_metric(option, metric, [k for k in metrics if k not in ("epoch", "step")])
-
 
 class Checkpoint:
     """Saves ``last.pt`` after every epoch and the best ``save_top_k`` checkpoints by ``monitor``.
@@ -69,27 +31,31 @@ class Checkpoint:
 
     def __init__(
         self,
-        monitor: str = "val/acc",
+        monitor: str | None = None,
         mode: Literal["auto", "max", "min"] = "auto",
         save_top_k: int = 1,
         every_n_steps: int = 0,
         restore_best: bool = True,
         dirpath: Path | None = None,
     ) -> None:
-        """:param monitor: the metric that ranks checkpoints (``trainer run`` prints them; e.g. ``val/loss``).
-        :param mode: ``max`` or ``min`` is better; ``auto``: ``min`` for a loss or error, else ``max``.
+        """:param monitor: the metric that ranks checkpoints (``trainer run`` prints them; e.g. ``val/loss``);
+            default: the task's headline metric (``val/acc`` for classification).
+        :param mode: ``max`` or ``min`` is better; ``auto``: what the task says of the metric
+            (else ``min`` for losses and errors, ``max`` otherwise).
         :param save_top_k: best checkpoints to keep (0: none, -1: all).
         :param every_n_steps: also write ``last.pt`` every this many training steps within an epoch (0: off).
         :param restore_best: load the best checkpoint's weights into the model when training ends.
         :param dirpath: folder for the files (default: the run folder's ``checkpoints``)."""
-        if not monitor:
+        if monitor == "":
             raise ValueError("checkpoint.monitor must name a metric (e.g. val/acc)")
         if save_top_k < -1:
             raise ValueError(f"checkpoint.save_top_k must be >= -1, -1 for all (got {save_top_k})")
         if every_n_steps < 0:
             raise ValueError(f"checkpoint.every_n_steps must be >= 0, 0 for off (got {every_n_steps})")
-        self.monitor = monitor
-        self.mode = mode if mode != "auto" else ("min" if lower_is_better(monitor) else "max")
+        # Resolved again in on_fit_start, where the task is known: a default monitor is its headline metric.
+        self.monitor = monitor or ""
+        self.mode: str = mode if mode != "auto" or not monitor else metric_mode(monitor)
+        self._wanted = (monitor, mode)
         self.save_top_k = save_top_k
         self.every_n_steps = every_n_steps
         self.restore_best = restore_best
@@ -111,7 +77,7 @@ class Checkpoint:
         if folder is None:
             raise UsageError("checkpoint: this run writes no run folder; set -o checkpoint.dirpath=FOLDER")
         self.folder = Path(folder)
-        check_monitor_at_start(trainer, "checkpoint.monitor", self.monitor)
+        self.monitor, self.mode = resolve_monitor(trainer, "checkpoint.monitor", *self._wanted)
 
     # -- when to save --------------------------------------------------------
 
@@ -186,7 +152,7 @@ class Checkpoint:
             return
         state = trainer.state
         evicted: list[str] = []
-        files = [LAST]
+        files = [LAST_CHECKPOINT]
         if best is not None:
             slug = re.sub(r"[^0-9A-Za-z]+", "_", self.monitor)
             slug += "-" if slug[-1].isdigit() else ""  # val/acc/3 at 0.97: val_acc_3-0.9700, not val_acc_30.9700

@@ -8,33 +8,15 @@ last batch), and read back once per evaluation.
 from __future__ import annotations
 
 import json
-import re
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Mapping, TextIO
 
-from trainer_core import UsageError, hookimpl
-from trainer_core.files import atomic_write_bytes
+from trainer_core import UsageError, atomic_write_bytes, hookimpl, metric_keys
 
 if TYPE_CHECKING:
     import torch
 
     from trainer_core import Trainer
-
-_NOT_IN_KEY = re.compile(r"[^\w.-]+")
-
-
-def class_keys(classes: Sequence[str]) -> list[str]:
-    """A metric-key-safe, unique name per class: ``"T-shirt/top"`` gives
-    ``"T-shirt_top"`` (a ``/`` would nest TensorBoard tags); an empty or
-    repeated result gets the class index appended."""
-    keys: list[str] = []
-    for index, name in enumerate(classes):
-        key = _NOT_IN_KEY.sub("_", str(name)).strip("_") or f"class{index}"
-        if key in keys:
-            key = f"{key}_{index}"
-        keys.append(key)
-    return keys
-
 
 class ClassAccuracy:
     """Per-class validation accuracy (``val/acc/<class>`` metrics), a confusion
@@ -67,13 +49,11 @@ class ClassAccuracy:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.task.name != "classification":
+            raise UsageError(f"class-accuracy is for the classification task, but this run's task is "
+                             f"'{trainer.task.name}'; leave class-accuracy off (--plugins no:class-accuracy)")
         self._classes = [str(name) for name in trainer.data.classes]
-        if not self._classes:
-            raise UsageError(
-                "class-accuracy needs the dataset's class names but trainer.data.classes is empty; "
-                "give the dataset's DataBundle its classes, or leave class-accuracy off"
-            )
-        self._keys = class_keys(self._classes)
+        self._keys = metric_keys(self._classes)
 
     @hookimpl
     def on_eval_start(self, trainer: Trainer) -> None:

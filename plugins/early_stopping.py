@@ -6,8 +6,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from plugins.checkpoint import Checkpoint, check_monitor, check_monitor_at_start, lower_is_better
-from trainer_core import UsageError, hookimpl
+from trainer_core import UsageError, check_monitor, hookimpl, metric_mode, resolve_monitor
 
 if TYPE_CHECKING:
     import torch
@@ -28,15 +27,16 @@ class EarlyStopping:
 
     def __init__(
         self,
-        monitor: str = "val/loss",
+        monitor: str | None = None,
         mode: Literal["auto", "min", "max"] = "auto",
         patience: int = 3,
         min_delta: float = 0.0,
         restore_best_weights: bool = False,
     ) -> None:
-        """:param monitor: the evaluation metric to watch, e.g. ``val/loss`` or ``val/acc``.
-        :param mode: ``min`` (lower is better), ``max``, or ``auto``: ``min`` for names
-            containing ``loss`` or ``err``, ``max`` otherwise.
+        """:param monitor: the evaluation metric to watch, e.g. ``val/loss`` or ``val/acc``;
+            default: the task's headline metric (``val/acc`` for classification).
+        :param mode: ``min`` (lower is better), ``max``, or ``auto``: what the task says of
+            the metric (else ``min`` for losses and errors, ``max`` otherwise).
         :param patience: evaluations without improvement before the run stops.
         :param min_delta: the least change that counts as an improvement.
         :param restore_best_weights: load the best evaluation's weights when the run ends."""
@@ -44,12 +44,12 @@ class EarlyStopping:
             raise ValueError(f"early-stopping.patience must be >= 1 (got {patience})")
         if not min_delta >= 0:  # also refuses NaN
             raise ValueError(f"early-stopping.min_delta must be >= 0 (got {min_delta})")
-        if not monitor:
+        if monitor == "":
             raise ValueError("early-stopping.monitor must name a metric, e.g. val/loss")
-        self.monitor = monitor
-        if mode == "auto":
-            mode = "min" if lower_is_better(monitor) else "max"
-        self.mode = mode
+        # Resolved again in on_fit_start, where the task is known: a default monitor is its headline metric.
+        self.monitor = monitor or ""
+        self.mode: str = mode if mode != "auto" or not monitor else metric_mode(monitor)
+        self._wanted = (monitor, mode)
         self.patience = patience
         self.min_delta = min_delta
         self.restore_best_weights = restore_best_weights
@@ -72,9 +72,9 @@ class EarlyStopping:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
-        check_monitor_at_start(trainer, "early-stopping.monitor", self.monitor)
-        # By class, not by the name "checkpoint": a checkpoint plugin may be enabled under another name.
-        restorers = [trainer.pm.get_name(p) for p in trainer.pm.get_plugins() if isinstance(p, Checkpoint) and p.restore_best]
+        self.monitor, self.mode = resolve_monitor(trainer, "early-stopping.monitor", *self._wanted)
+        # By attribute, not by the name "checkpoint": a checkpoint plugin may be enabled under another name.
+        restorers = [trainer.pm.get_name(p) for p in trainer.pm.get_plugins() if getattr(p, "restore_best", False) is True]
         if self.restore_best_weights and restorers:
             # Both would load "best" weights at the end, maybe of different epochs, and the
             # last one called would win: an order-dependent result, so refuse it.

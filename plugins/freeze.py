@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from trainer_core import UsageError, hookimpl
-from trainer_core.suggest import did_you_mean
+from trainer_core import UsageError, did_you_mean, hookimpl
 
 if TYPE_CHECKING:
     from torch import nn

@@ -6,9 +6,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Literal, Mapping, TextIO
 
-from trainer_core import hookimpl
-from trainer_core.pluginmanager import unused_hooks
-from trainer_core.distributed import rank_zero_only
+from trainer_core import hookimpl, metric_mode, rank_zero_only, unused_hooks
 
 if TYPE_CHECKING:
     from trainer_core import Trainer
@@ -89,7 +87,7 @@ class Progress:
         if trainer.is_main:
             self._print(
                 f"epoch {metrics['epoch']}/{trainer.config.epochs}  train loss {metrics['train/loss']:.4f}  "
-                f"val loss {metrics['val/loss']:.4f}  val acc {100 * metrics['val/acc']:.2f}%  "
+                f"val loss {metrics['val/loss']:.4f}{_headline(trainer, metrics, '  ')}  "
                 f"({_clock(time.monotonic() - self._started)})"
             )
 
@@ -97,18 +95,29 @@ class Progress:
     def on_fit_end(self, trainer: Trainer) -> None:
         if not trainer.is_main or not trainer.state.history:
             return
-        best = max(trainer.state.history, key=lambda m: m["val/acc"])
-        final = trainer.state.metrics
-        self._print(
-            f"done in {_clock(time.monotonic() - self._started)}: final val acc {100 * final['val/acc']:.2f}% "
-            f"(loss {final['val/loss']:.4f}); best {100 * best['val/acc']:.2f}% at epoch {best['epoch']}"
-        )
+        final, metric = trainer.state.metrics, trainer.task.headline
+        pick = min if metric_mode(metric, trainer.task) == "min" else max
+        best = pick(trainer.state.history, key=lambda m: m[metric])
+        final_text = (f"{_headline(trainer, final, ' ')} (loss {final['val/loss']:.4f})" if metric != "val/loss"
+                      else f" val loss {final['val/loss']:.4f}")
+        self._print(f"done in {_clock(time.monotonic() - self._started)}: final{final_text}; "
+                    f"best {_value(metric, best[metric])} at epoch {best['epoch']}")
 
     @hookimpl
     def on_exception(self, trainer: Trainer) -> None:
         if self._live:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _headline(trainer: Trainer, metrics: Mapping[str, Any], space: str) -> str:
+    """The task's headline metric, unless it is the loss already shown: ``val acc 97.50%``."""
+    metric = trainer.task.headline
+    return "" if metric == "val/loss" else f"{space}{metric.replace('/', ' ')} {_value(metric, metrics[metric])}"
+
+
+def _value(metric: str, value: float) -> str:
+    return f"{100 * value:.2f}%" if metric.endswith("/acc") else f"{value:.4f}"
 
 
 def _clock(seconds: float) -> str:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from trainer_core import hookimpl
-from trainer_core.pluginmanager import unused_hooks
+from trainer_core import hookimpl, unused_hooks
 
 if TYPE_CHECKING:
     import torch

@@ -24,9 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from plugins.class_accuracy import ClassAccuracy, class_keys
-from trainer_core import UsageError, hookimpl
-from trainer_core.pluginmanager import unused_hooks
+from trainer_core import UsageError, hookimpl, metric_keys, unused_hooks
 
 if TYPE_CHECKING:
     import torch
@@ -111,6 +109,7 @@ class TensorBoard:
             if not train_accuracy:
                 unused_hooks(self, "on_batch_end")  # nothing to do during training steps
         self._pr_counts: torch.Tensor | None = None  # 2 x classes x thresholds: positives, negatives
+        self._pr_task: str | None = None  # the task PR curves are drawn for, if any
         self._keys: list[str] = []
 
     # -- opening and closing --------------------------------------------------
@@ -119,7 +118,13 @@ class TensorBoard:
     def on_fit_start(self, trainer: Trainer) -> None:
         import torch
 
-        self._keys = class_keys([str(c) for c in trainer.data.classes])
+        task = trainer.task.name
+        if self.train_accuracy and task != "classification":
+            raise UsageError(f"tensorboard.train_accuracy is for the classification task, but this run's task is '{task}'; "
+                             "leave it off")
+        # PR curves per class or label, where the outputs are scores of classes or labels.
+        self._pr_task = task if self.pr_curves and task in ("classification", "multilabel") else None
+        self._keys = metric_keys([str(c) for c in trainer.data.classes])
         self._correct, self._seen = torch.zeros((), dtype=torch.int64, device=trainer.device), 0
         self._examples_done = False
         self._pending.clear()
@@ -316,7 +321,7 @@ class TensorBoard:
 
     @hookimpl
     def on_eval_start(self, trainer: Trainer) -> None:
-        if self.pr_curves:
+        if self._pr_task is not None:
             import torch
 
             self._pr_counts = torch.zeros(2 * len(self._keys) * PR_THRESHOLDS, dtype=torch.int64, device=trainer.device)
@@ -327,7 +332,7 @@ class TensorBoard:
             self._log_examples(trainer, inputs)
         if self._pr_counts is None:
             return
-        # Per class, a histogram of the predicted probability, split by whether
+        # Per class (or label), a histogram of the predicted probability, split by whether
         # the TRUE label is that class: TensorBoard's own binning, on the device.
         import torch
 
@@ -337,9 +342,12 @@ class TensorBoard:
                 f"tensorboard: the model gives {outputs.shape[1]} scores per sample but the dataset "
                 f"has {classes} classes, so there is no PR curve per class; build the model for this dataset"
             )
-        probs = outputs.float().softmax(dim=1)
+        probs = trainer.task.predict(outputs)  # softmax over classes, or each label's sigmoid
         buckets = (probs * (PR_THRESHOLDS - 1)).floor().long().clamp_(0, PR_THRESHOLDS - 1)
-        negative = torch.ones_like(buckets).scatter_(1, targets.long().view(-1, 1), 0)
+        if self._pr_task == "classification":
+            negative = torch.ones_like(buckets).scatter_(1, targets.long().view(-1, 1), 0)
+        else:
+            negative = (targets == 0).long()
         columns = torch.arange(classes, device=outputs.device) * PR_THRESHOLDS
         cells = (negative * (classes * PR_THRESHOLDS) + columns + buckets).view(-1)
         self._pr_counts.scatter_add_(0, cells, cells.new_ones(cells.shape))
@@ -392,9 +400,10 @@ class TensorBoard:
         normalised: cell brightness is the share of a true class predicted as
         each class."""
         for plugin in trainer.pm.get_plugins():
-            if isinstance(plugin, ClassAccuracy) and plugin.confusion is not None:
+            confusion = getattr(plugin, "confusion", None)  # class-accuracy's, or any plugin's that keeps one
+            if confusion is not None and confusion.dim() == 2 and confusion.shape[0] == confusion.shape[1]:
                 name = trainer.pm.get_name(plugin)
-                matrix = plugin.confusion.double()
+                matrix = confusion.double()
                 shares = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
                 scale = max(1, 256 // shares.shape[0])  # nearest-neighbour upscaling to ~256 pixels
                 image = shares.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
@@ -405,7 +414,9 @@ class TensorBoard:
     def _log_images(self, trainer: Trainer, writer: SummaryWriter, inputs: torch.Tensor) -> None:
         from torchvision.utils import make_grid
 
-        if inputs.dim() != 4 or inputs.shape[1] not in (1, 3):
+        if inputs.dim() != 4:
+            return  # feature vectors, token ids: not images
+        if inputs.shape[1] not in (1, 3):
             log.warning("tensorboard: inputs of shape %s are not 1- or 3-channel images; no image grid logged", tuple(inputs.shape[1:]))
             return
         images = inputs.detach().float()

@@ -157,7 +157,7 @@ def test_duplicate_collected_metric_names_are_an_error_naming_both():
     two = probe("collect_eval_metrics", lambda: {"val/x": 2.0})
     with pytest.raises(PluginError, match=r"'val/x' is produced by both plugin '(one|two)' and plugin '(one|two)'"):
         run_tiny({"one": one, "two": two})
-    with pytest.raises(PluginError, match="'val/acc' is produced by both the core and plugin 'thief'"):
+    with pytest.raises(PluginError, match="'val/acc' is produced by both the task 'classification' and plugin 'thief'"):
         run_tiny({"thief": probe("collect_eval_metrics", lambda: {"val/acc": 1.0})})
 
 

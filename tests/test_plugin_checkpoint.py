@@ -39,8 +39,13 @@ def files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def test_the_default_monitor_is_the_task_s_headline_metric(tmp_path: Path) -> None:
+    plugin = Checkpoint()
+    plugin.on_fit_start(trainer=run_tiny(fit=False, run_dir=tmp_path / "run"))
+    assert (plugin.monitor, plugin.mode) == ("val/acc", "max")
+
+
 def test_mode_auto_follows_the_metric_name() -> None:
-    assert Checkpoint().mode == "max"
     assert Checkpoint(monitor="val/loss").mode == "min"
     assert Checkpoint(monitor="val/error").mode == "min"
     assert Checkpoint(monitor="val/loss", mode="max").mode == "max"
@@ -146,7 +151,7 @@ def test_non_finite_weights_are_not_saved(tmp_path: Path) -> None:
 
 def test_unknown_monitor_fails_at_start_up_when_knowable(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"checkpoint.monitor: no evaluation produces 'val/accuracy' "
-                                         r"\(did you mean 'val/acc'\?\); available metrics: val/acc, val/loss, train/loss"):
+                                         r"\(did you mean 'val/acc'\?\); available metrics: train/loss, val/loss, val/acc"):
         run_tiny({"checkpoint": Checkpoint(monitor="val/accuracy")}, run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from plugins.class_accuracy import ClassAccuracy, class_keys
-from trainer_core import UsageError
+from plugins.class_accuracy import ClassAccuracy
+from trainer_core import UsageError, metric_keys
 from trainer_core.checkpointing import load_checkpoint
 from trainer_core.cli import make_cli
-from trainer_core.testing import run_tiny, tiny_data, tiny_model
+from trainer_core.testing import HookRecorder, run_tiny, tiny_data, tiny_model
 from trainer_core.trainer import Trainer
 
 
@@ -150,7 +150,7 @@ def test_confusion_matrix_file(tmp_path: Path) -> None:
 
 
 def test_class_names_become_safe_unique_keys(tmp_path: Path) -> None:
-    assert class_keys(["T-shirt/top", "Ankle boot", "", "a b", "a/b", "7"]) == [
+    assert metric_keys(["T-shirt/top", "Ankle boot", "", "a b", "a/b", "7"]) == [
         "T-shirt_top", "Ankle_boot", "class2", "a_b", "a_b_4", "7"
     ]
     data = tiny_data()
@@ -208,8 +208,18 @@ def test_model_with_the_wrong_number_of_outputs_is_a_usage_error() -> None:
         run_tiny({"class-accuracy": ClassAccuracy()}, model=tiny_model(num_classes=5), epochs=1)
 
 
-def test_a_dataset_without_class_names_is_a_usage_error() -> None:
+def test_a_dataset_without_class_names_is_refused_before_training() -> None:
     data = tiny_data()
     data.classes = []
-    with pytest.raises(UsageError, match="trainer.data.classes is empty; give the dataset's DataBundle its classes"):
+    with pytest.raises(UsageError, match="task 'classification' cannot train on dataset 'tiny': the dataset names no classes"):
         run_tiny({"class-accuracy": ClassAccuracy()}, data=data, model=tiny_model(), epochs=1)
+
+
+def test_another_task_is_refused_in_one_line_naming_it() -> None:
+    data = tiny_data()
+    data.task, data.classes = "regression", ["y"]
+    data.train.targets, data.val.targets = data.train.targets.float(), data.val.targets.float()
+    recorder = HookRecorder()
+    with pytest.raises(UsageError, match="class-accuracy is for the classification task, but this run's task is 'regression'"):
+        run_tiny({"class-accuracy": ClassAccuracy(), "recorder": recorder}, data=data, model=tiny_model(num_classes=1))
+    assert "on_batch_start" not in recorder.names()  # refused before training

@@ -23,6 +23,7 @@ NEVER_IMPROVES = dict(monitor="val/acc", min_delta=10.0)
 def feed(plugin: EarlyStopping, values: list[float], monitor: str = "val/loss") -> Trainer:
     """Call on_eval directly on a real, unstarted trainer, one value per epoch."""
     trainer = run_tiny(fit=False)
+    plugin.on_fit_start(trainer=trainer)
     for epoch, value in enumerate(values, 1):
         trainer.state.epoch = epoch
         plugin.on_eval(trainer=trainer, metrics={"epoch": epoch, "step": epoch, "val/loss": 1.0, monitor: value})
@@ -39,7 +40,7 @@ def test_mode_auto_follows_the_metric_name() -> None:
 
 
 def test_stops_after_patience_evaluations_without_improvement() -> None:
-    plugin = EarlyStopping(patience=2)
+    plugin = EarlyStopping(monitor="val/loss", patience=2)
     trainer = feed(plugin, [1.0, 0.8, 0.9, 0.85, 0.7])
     assert trainer.state.should_stop
     assert trainer.state.epoch == 4  # 0.9 and 0.85 are both worse than 0.8
@@ -48,7 +49,7 @@ def test_stops_after_patience_evaluations_without_improvement() -> None:
 
 
 def test_improvement_resets_the_counter() -> None:
-    plugin = EarlyStopping(patience=2)
+    plugin = EarlyStopping(monitor="val/loss", patience=2)
     trainer = feed(plugin, [1.0, 1.1, 0.9, 1.0, 0.8, 0.9])
     assert not trainer.state.should_stop
     assert plugin.wait == 1 and plugin.best == 0.8
@@ -63,7 +64,7 @@ def test_min_delta_and_max_mode() -> None:
 
 
 def test_nan_never_counts_as_improvement() -> None:
-    plugin = EarlyStopping(patience=1)
+    plugin = EarlyStopping(monitor="val/loss", patience=1)
     trainer = feed(plugin, [1.0, math.nan])
     assert trainer.state.should_stop and plugin.best == 1.0
 
@@ -75,7 +76,7 @@ def test_unknown_metric_is_a_usage_error_listing_the_available_ones() -> None:
 
 
 def test_unknown_metric_fails_before_training_when_knowable(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match=r"'val/accuracy' \(did you mean 'val/acc'\?\); available metrics: val/acc, val/loss"):
+    with pytest.raises(UsageError, match=r"'val/accuracy' \(did you mean 'val/acc'\?\); available metrics: train/loss, val/loss, val/acc$"):
         run_tiny({"early-stopping": EarlyStopping(monitor="val/accuracy")}, run_dir=tmp_path / "run")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 0
 

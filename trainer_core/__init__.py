@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Any
 from trainer_core.distributed import rank_zero_only
 from trainer_core.errors import PluginError, TrainerError, UsageError
 from trainer_core.hookspecs import hookspec
-from trainer_core.pluginmanager import hookimpl, make_plugin_manager
+from trainer_core.pluginmanager import hookimpl, make_plugin_manager, unused_hooks
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "Trainer": "trainer_core.trainer",
+    "Task": "trainer_core.task",
+    "metric_mode": "trainer_core.task",
+    "held_targets": "trainer_core.data",
     "TrainState": "trainer_core.state",
     "RunConfig": "trainer_core.config",
     "DataBundle": "trainer_core.data",
@@ -29,17 +32,32 @@ _LAZY = {
     "build_run": "trainer_core.runner",
     "load_weights": "trainer_core.checkpointing",
     "load_checkpoint": "trainer_core.checkpointing",
+    "save_checkpoint": "trainer_core.checkpointing",
+    "find_checkpoint": "trainer_core.checkpointing",
+    "newest_checkpoint": "trainer_core.checkpointing",
+    "CHECKPOINT_FOLDER": "trainer_core.checkpointing",
+    "LAST_CHECKPOINT": "trainer_core.checkpointing",
+    "resolve_monitor": "trainer_core.metrics",
+    "check_monitor": "trainer_core.metrics",
+    "metric_keys": "trainer_core.metrics",
+    "atomic_write_bytes": "trainer_core.files",
+    "did_you_mean": "trainer_core.suggest",
 }
 
 __all__ = ["PluginError", "TrainerError", "UsageError", "hookimpl", "hookspec", "make_plugin_manager", "rank_zero_only",
-           "__version__", *_LAZY]
+           "unused_hooks", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
-    from trainer_core.checkpointing import load_checkpoint, load_weights
+    from trainer_core.checkpointing import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, find_checkpoint, load_checkpoint, load_weights,
+                                            newest_checkpoint, save_checkpoint)
+    from trainer_core.files import atomic_write_bytes
+    from trainer_core.metrics import check_monitor, metric_keys, resolve_monitor
     from trainer_core.config import RunConfig
-    from trainer_core.data import DataBundle, TensorSplit
+    from trainer_core.data import DataBundle, TensorSplit, held_targets
     from trainer_core.runner import build_run
     from trainer_core.state import TrainState
+    from trainer_core.suggest import did_you_mean
+    from trainer_core.task import Task, metric_mode
     from trainer_core.trainer import Trainer
 
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 # module, and `trainer plugins` must list plugins without loading torch.
 
 CHECKPOINT_FOLDER = "checkpoints"
-LAST = "last.pt"  # the newest state of a run, what ``--resume`` continues from
+LAST_CHECKPOINT = "last.pt"  # the newest state of a run, what ``--resume`` continues from
 FORMAT = 1
 
 
@@ -112,6 +112,17 @@ def newest_checkpoint(run_path: Path) -> Path | None:
     # Temporary files of an interrupted save start with a dot and are never candidates.
     found = [p for p in folder.glob("*.pt") if not p.name.startswith(".")] if folder.is_dir() else []
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name)) if found else None
+
+
+def describe_misfit(own: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> str:
+    """Why a checkpoint's weights do not load into a model: the keys that differ, a few of each kind."""
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for label, keys in (("shape in checkpoint vs model", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
+    return (f"checkpoint does not fit this model ({'; '.join(parts)}): resume with the same model and classes, or start "
+            "from its weights with a new head with -o model.weights=PATH")
 
 
 def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> list[str]:

@@ -19,7 +19,9 @@ import click
 import pluggy
 
 from trainer_core import __version__
-from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, Registry, conflict_message
+from trainer_core.commands import add_commands
+from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, TASKS, Registry, conflict_message
+from trainer_core.errorreport import debug_option, reports_errors
 from trainer_core.errors import TrainerError
 from trainer_core.pluginmanager import check_plugin, implemented_hooks, make_plugin_manager
 
@@ -27,47 +29,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # ``run`` options that start torchrun; the processes it starts get the other options.
 LAUNCHER_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
-
-debug_option = click.option(
-    "--debug", is_flag=True, envvar="TRAINER_DEBUG", help="Show the full traceback of an error (or set TRAINER_DEBUG=1)."
-)
-
-
-def reports_errors(command: F) -> F:
-    """Turn errors into one line on stderr and an exit status, unless ``--debug``."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except TrainerError as exc:
-            if debug:
-                raise
-            echo_error(str(exc), exc)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            if debug:
-                raise
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        except Exception as exc:
-            if debug:
-                raise
-            echo_error(f"{type(exc).__name__}: {exc} (run again with --debug for the traceback)", exc)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def echo_error(message: str, exc: BaseException) -> None:
-    """Print ``error: message`` on stderr.  In one process of a distributed run,
-    name its rank and leave the message for torchrun's failure report."""
-    from trainer_core.distributed import record_error, worker_label, worker_message
-
-    message = worker_message(message, exc)
-    click.echo(f"error: {worker_label()}{message}", err=True)
-    record_error(message, exc)
-
 
 def worker_args(ctx: click.Context, skip: tuple[str, ...]) -> list[str]:
     """The command line that repeats this command's given options, less ``skip``
@@ -159,6 +120,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         Start with:  trainer run                  (a small CNN on scikit-learn's digits)
         Then:        trainer plugins              (what you can turn on)
                      trainer run --plugins NAME   (turn it on; -o NAME.KEY=VALUE sets its options)
+                     trainer tasks                (classification, regression, multi-label, language models)
         """
         show_warnings()
 
@@ -169,10 +131,11 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--model", help="Model name from 'trainer models'.  [default: smallcnn]")
     @click.option("--dataset", help="Dataset name from 'trainer datasets'.  [default: digits]")
     @click.option("--data-root", help="Folder the dataset reads its files from.")
+    @click.option("--task", help="Task name from 'trainer tasks' (-o task.KEY=VALUE sets its options).  [default: the dataset's]")
     @click.option("--plugins", "plugins", multiple=True, metavar="A,B",
                   help="Plugins to turn on, comma-separated; 'no:NAME' turns one off (e.g. no:progress).")
     @click.option("-o", "--option", "overrides", multiple=True, metavar="NAME.KEY=VALUE",
-                  help="An option of a plugin, of 'model' or of 'dataset', e.g. -o steplr.gamma=0.5. Repeatable.")
+                  help="An option of a plugin, of 'model', 'dataset' or 'task', e.g. -o steplr.gamma=0.5. Repeatable.")
     @click.option("--epochs", type=int, help="Number of passes over the training split.  [default: 15]")
     @click.option("--batch-size", type=int, help="Samples per training step.  [default: 32]")
     @click.option("--lr", type=float, help="Learning rate.  [default: 0.001]")
@@ -351,10 +314,42 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
             if recipe.description:
                 click.echo(f"    {recipe.description}")
 
+    @cli.command()
+    @debug_option
+    @reports_errors
+    def tasks() -> None:
+        """List installed tasks: what each trains, its metrics and options.
+
+        A dataset names its task; 'trainer run --task NAME' picks another.
+        """
+        from trainer_core.options import options_of
+        from trainer_core.task import Task
+
+        registry = Registry(TASKS)
+        if not registry.names():
+            click.echo("no tasks installed")
+        for entries in registry.entries():
+            entry = entries[0]
+            click.echo(f"{entry.name}  ({entry.distribution})  {entry.value}")
+            if len(entries) > 1:
+                click.echo(f"    error: {conflict_message(entries)}")
+                continue
+            try:
+                target = entry.load()
+            except TrainerError as exc:
+                click.echo(f"    error: {exc}")
+                continue
+            if not (inspect.isclass(target) and issubclass(target, Task)):
+                click.echo(f"    error: {entry.value} is not a trainer_core.Task subclass")
+                continue
+            summary = (inspect.getdoc(target) or "").split("\n\n")[0].replace("\n", " ")
+            if summary:
+                click.echo(f"    {summary}")
+            click.echo(f"    metrics: {', '.join(target.modes)} (headline: {target.headline})")
+            click.echo(f"    options: {'; '.join(o.describe() for o in options_of(target)) or 'none'}")
+
     cli.command("models")(lister(MODELS, "model"))
     cli.command("datasets")(lister(DATASETS, "dataset"))
-    from trainer_core.commands import add_commands  # here: commands.py imports this module
-
     add_commands(cli, pm_factory)
     return cli
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import click
 import pluggy
 
-from trainer_core.cli import debug_option, reports_errors
+from trainer_core.errorreport import debug_option, reports_errors
 from trainer_core.errors import UsageError
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from trainer_core.config import RunConfig
     from trainer_core.data import DataBundle
+    from trainer_core.task import Task
 
 #: Name of the JSON metadata stored inside an exported file.
 EXPORT_METADATA = "trainer.json"
@@ -45,6 +46,7 @@ class Trained:
     config: RunConfig
     data: DataBundle
     model: nn.Module
+    task: Task
 
     @property
     def epoch(self) -> int | None:
@@ -74,7 +76,10 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     """
     from trainer_core.checkpointing import load_checkpoint
     from trainer_core.config import RunConfig, apply_mapping, set_field
+    import torch
+
     from trainer_core.runner import build_model, load_dataset
+    from trainer_core.task import check_fit, load_task, task_name
 
     path = resolve_checkpoint(path)
     payload = load_checkpoint(path)
@@ -90,20 +95,24 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     if data_root is not None:
         config.data_root = data_root
     data = load_dataset(config.dataset, config.dataset_options, config.data_root)
+    task = load_task(task_name(config.task, data), config.task_options)
+    check_fit(task, data, config.dataset)
+    task.setup(data, torch.device("cpu"))
+    task.load_state_dict(payload.get("task") or task.state_dict())  # what the run learned (target scaling)
     # Initial weights (``weights=imagenet`` or a file) are replaced by the checkpoint's below:
     # not loading them spares the time and works where their file is absent.
     options = {k: v for k, v in config.model_options.items() if k != "weights"}
-    model = build_model(config.model, options, data)
+    model = build_model(config.model, options, data, task.output_size(data))
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise UsageError(
             f"the weights in {path} do not fit model '{config.model}' built for dataset '{config.dataset}' "
-            f"({data.num_classes} classes): {first}"
+            f"({task.output_size(data)} outputs): {first}"
         ) from None
     model.eval()
-    return Trained(path, payload, config, data, model)
+    return Trained(path, payload, config, data, model, task)
 
 
 def image_shape(data: DataBundle, what: str) -> tuple[int, int, int]:
@@ -148,8 +157,57 @@ def load_images(paths: Sequence[Path], data: DataBundle) -> torch.Tensor:
     return torch.stack(images)
 
 
-def predict_proba(trained: Trained, inputs: torch.Tensor, device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
-    """Class probabilities for un-normalised ``inputs``, normalised as in training."""
+def load_rows(paths: Sequence[Path], data: DataBundle) -> tuple[torch.Tensor, list[str]]:
+    """Read CSV files of feature vectors, one sample a line (a header line is
+    skipped), as the model's inputs before normalisation; and a name per row
+    (``FILE:LINE``)."""
+    import math
+
+    import torch
+
+    size = math.prod(data.input_shape)
+    rows, names = [], []
+    for path in paths:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise UsageError(f"file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{path} cannot be read as CSV text: {exc}") from None
+        for number, line in enumerate(lines, 1):
+            cells = [c.strip() for c in line.split(",")]
+            if not line.strip() or (number == 1 and not _numeric(cells[0])):
+                continue  # blank, or a header
+            if len(cells) != size or not all(_numeric(c) for c in cells):
+                raise UsageError(f"{path}:{number}: expected {size} comma-separated numbers (the model's input "
+                                 f"{tuple(data.input_shape)}), got {line[:60]!r}")
+            rows.append([float(c) for c in cells])
+            names.append(f"{path}:{number}")
+    if not rows:
+        raise UsageError(f"no rows of numbers in {', '.join(map(str, paths))}")
+    return torch.tensor(rows).view(len(rows), *data.input_shape), names
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def encode_prompt(text: str, data: DataBundle) -> list[int]:
+    """``text`` as token ids of the dataset's vocabulary (its ``classes``, one string per id)."""
+    ids = {token: index for index, token in enumerate(str(c) for c in data.classes)}
+    unknown = next((ch for ch in text if ch not in ids), None)
+    if unknown is not None:
+        raise UsageError(f"the prompt holds {unknown!r}, which is not in the model's vocabulary of {len(ids)} tokens")
+    return [ids[ch] for ch in text]
+
+
+def predictions(trained: Trained, inputs: torch.Tensor, device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """The task's predictions (:meth:`~trainer_core.Task.predict`) for un-normalised
+    ``inputs``, normalised as in training."""
     import torch
 
     from trainer_core.data import Batches, TensorSplit
@@ -158,48 +216,66 @@ def predict_proba(trained: Trained, inputs: torch.Tensor, device: str = "cpu", b
     target = select_device(device)
     model = trained.model.to(target)
     split = TensorSplit(inputs, torch.zeros(len(inputs), dtype=torch.int64))
-    batches = Batches(split, batch_size, target, shuffle=False, mean=trained.data.mean, std=trained.data.std)
+    batches = Batches(split, batch_size, target, shuffle=False, mean=trained.data.mean, std=trained.data.std,
+                      input_dims=len(trained.data.input_shape))
     with torch.no_grad():
-        return torch.cat([torch.softmax(model(x).float(), dim=1).cpu() for x, _ in batches.iterate()])
+        return torch.cat([trained.task.predict(model(x)).cpu() for x, _ in batches.iterate()])
 
 
-def evaluate(trained: Trained, split: str, device: str, batch_size: int | None, pm: pluggy.PluginManager) -> tuple[dict[str, float], Any]:
-    """Run the core's evaluation on ``split`` with the class-accuracy plugin.
+def evaluate(trained: Trained, split: str, device: str, batch_size: int | None,
+             pm: pluggy.PluginManager) -> tuple[dict[str, float], Any | None]:
+    """Run the core's evaluation on ``split``; with the class-accuracy plugin for classification.
 
-    :return: the metrics and the plugin (for its confusion matrix and table).
+    :return: the metrics and the plugin (for its confusion matrix and table), or ``None``.
     """
     from plugins.class_accuracy import ClassAccuracy
     from trainer_core.data import DataBundle
     from trainer_core.trainer import Trainer
 
-    classes = ClassAccuracy(table=False, matrix_file="")
+    classes = ClassAccuracy(table=False, matrix_file="") if trained.task.name == "classification" else None
     data = trained.data
-    chosen = DataBundle(data.train, getattr(data, split), data.classes, data.input_shape, data.mean, data.std)
+    chosen = DataBundle(data.train, getattr(data, split), data.classes, data.input_shape, data.mean, data.std, data.task)
     config = dataclasses.replace(trained.config, device=device, batch_size=batch_size or trained.config.batch_size, plugins={})
-    trainer = Trainer(trained.model, chosen, config, plugins={"class-accuracy": classes}, pm=pm)
+    trainer = Trainer(trained.model, chosen, config, task=trained.task, plugins={"class-accuracy": classes} if classes else {},
+                      pm=pm)
     trainer.state.epoch = trained.epoch or 0
     trainer.state.step = (trained.payload.get("state") or {}).get("step", 0)
     trainer.pm.hook.on_fit_start(trainer=trainer)
     return trainer.evaluate(), classes
 
 
-def with_normalisation(model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> nn.Module:
-    """``model`` preceded by the dataset's normalisation, in eval mode: the module that is exported."""
+def exportable(trained: Trained) -> nn.Module:
+    """The module that is exported, in eval mode: the model preceded by the dataset's
+    normalisation (if it has one) and followed by the task's :meth:`~trainer_core.Task.exported`."""
     import torch
     from torch import nn
 
-    class WithNormalisation(nn.Module):
+    data, task, model = trained.data, trained.task, trained.model.cpu()
+    shape = (1, -1, *[1] * (len(data.input_shape) - 1))
+
+    class Exported(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
-            shape = (1, -1, 1, 1)
-            self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0]).view(shape))
-            self.register_buffer("std", torch.tensor(std if std is not None else [1.0]).view(shape))
+            self.normalise = data.mean is not None or data.std is not None
+            self.register_buffer("mean", torch.tensor(data.mean if data.mean is not None else [0.0]).view(shape))
+            self.register_buffer("std", torch.tensor(data.std if data.std is not None else [1.0]).view(shape))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model((x - self.mean) / self.std)
+            return task.exported(self.model((x - self.mean) / self.std if self.normalise else x))
 
-    return WithNormalisation().eval()
+    return Exported().eval()
+
+
+def example_inputs(data: DataBundle, size: int) -> torch.Tensor:
+    """A random batch of ``size`` inputs as the exported model takes them: token ids
+    for a model of integer inputs, else floats in [0, 1]."""
+    import torch
+
+    held = getattr(data.train, "inputs", None)
+    if held is not None and not held.is_floating_point() and held.dtype != torch.uint8:
+        return torch.randint(0, max(2, len(data.classes)), (size, *data.input_shape), dtype=held.dtype)
+    return torch.rand(size, *data.input_shape)
 
 
 def export_model(trained: Trained, fmt: str, output: Path, tolerance: float = 1e-4) -> float:
@@ -218,15 +294,18 @@ def export_model(trained: Trained, fmt: str, output: Path, tolerance: float = 1e
     from trainer_core.files import atomic_write_bytes
 
     data = trained.data
-    module = with_normalisation(trained.model.cpu(), data.mean, data.std)
-    example = torch.rand(2, *data.input_shape)
-    check = torch.rand(3, *data.input_shape)  # another batch size: the file must not be fixed to the example's
+    module = exportable(trained)
+    example = example_inputs(data, 2)
+    check = example_inputs(data, 3)  # another batch size: the file must not be fixed to the example's
+    integers = not example.is_floating_point()
     metadata = json.dumps({
         "classes": [str(c) for c in data.classes],
         "input_shape": list(data.input_shape),
-        "input": "float N x C x H x W, as the trainer feeds batches before normalisation (image pixels scaled "
+        "input": "token ids N x sequence length (int64)" if integers else
+                 "float N x ..., as the trainer feeds batches before normalisation (image pixels scaled "
                  "to [0, 1]); the dataset's mean/std normalisation, if it has one, is inside the model",
-        "output": "logits N x classes (softmax gives probabilities)",
+        "task": trained.task.name,
+        "output": trained.task.export_doc,
         "model": trained.config.model,
         "dataset": trained.config.dataset,
         "epoch": trained.epoch,
@@ -250,14 +329,15 @@ def export_model(trained: Trained, fmt: str, output: Path, tolerance: float = 1e
             import onnx
             from onnx.reference import ReferenceEvaluator
 
-            torch.onnx.export(module, (example,), buffer, input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            names = ("images", "logits") if trained.task.name == "classification" else ("inputs", "outputs")
+            torch.onnx.export(module, (example,), buffer, input_names=[names[0]], output_names=[names[1]],
+                              dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}}, dynamo=False)
             document = onnx.load_from_string(buffer.getvalue())
             entry = document.metadata_props.add()
             entry.key, entry.value = EXPORT_METADATA, metadata
             buffer = io.BytesIO(document.SerializeToString())
             # onnx's own pure-Python runtime: no onnxruntime needed for the check.
-            got = torch.from_numpy(ReferenceEvaluator(document).run(None, {"images": check.numpy()})[0])
+            got = torch.from_numpy(ReferenceEvaluator(document).run(None, {names[0]: check.numpy()})[0])
     difference = float((got - expected).abs().max())
     if not difference <= tolerance:
         raise UsageError(f"the {fmt} file's outputs differ from the model's by {difference:.3g}, so nothing was written; "
@@ -285,8 +365,10 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def describe_run(folder: Path, metric: str) -> dict[str, Any]:
-    """One row of ``trainer runs``: what a run folder says about its run."""
+def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
+    """One row of ``trainer runs``: what a run folder says about its run; the
+    best of ``metric``, by default the run's headline metric (``val/acc`` for a
+    run that did not record one)."""
     from trainer_core.config import tomllib
     from trainer_core.rundir import CONFIG, LOCK, METRICS, SUMMARY, lock_is_stale
 
@@ -303,6 +385,9 @@ def describe_run(folder: Path, metric: str) -> dict[str, Any]:
                 records.append(record)
     except OSError:
         pass
+    if metric is None:
+        metric = summary.get("headline") if isinstance(summary, dict) and isinstance(summary.get("headline"), str) else None
+        metric = metric or _headline_of(config.get("task"))
     best = best_record(records, metric)
     # A finished run says when it first started; a running or killed one, by its config file's time.
     started = (folder / CONFIG) if (folder / CONFIG).exists() else folder
@@ -333,6 +418,17 @@ def describe_run(folder: Path, metric: str) -> dict[str, Any]:
     }
 
 
+def _headline_of(task: Any) -> str:
+    """The headline metric of a run's saved ``[task]`` table (``val/acc`` when unknown)."""
+    from trainer_core.entrypoints import TASKS, Registry
+
+    name = task.get("name") if isinstance(task, dict) else None
+    try:
+        return str(Registry(TASKS).get(str(name)).load().headline) if name else "val/acc"
+    except Exception:  # an uninstalled or broken task: the table still lists the run
+        return "val/acc"
+
+
 def _read_json_line(line: str) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
@@ -347,12 +443,12 @@ def _name(table: Any) -> str:
 
 def best_record(records: Sequence[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     """The record with the best finite ``metric``: lowest for losses and errors, highest otherwise."""
-    from plugins.checkpoint import lower_is_better  # the rule checkpoint and early-stopping rank by
+    from trainer_core.task import metric_mode  # the rule checkpoint and early-stopping rank by
 
     usable = [r for r in records if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     if not usable:
         return None
-    return (min if lower_is_better(metric) else max)(usable, key=lambda r: r[metric])
+    return (min if metric_mode(metric) == "min" else max)(usable, key=lambda r: r[metric])
 
 
 def find_runs(folder: Path) -> list[Path]:
@@ -413,7 +509,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
     @reports_errors
     def eval_command(checkpoint: Path, dataset: str | None, data_root: str | None, split: str,
                      batch_size: int | None, device: str, as_json: bool) -> None:
-        """Loss, accuracy and per-class accuracy of a saved model.
+        """The task's metrics of a saved model (for classification, per-class accuracy too).
 
         \b
         Examples:
@@ -424,70 +520,122 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
             raise UsageError(f"--batch-size must be >= 1 (got {batch_size})")
         trained = load_trained(checkpoint, dataset, data_root)
         metrics, classes = evaluate(trained, split, device, batch_size, pm_factory())
-        confusion = classes.confusion
-        correct, total = confusion.diagonal().tolist(), confusion.sum(dim=1).tolist()
+        values = {key: value for key, value in metrics.items() if key.startswith("val/")}
+        samples = len(getattr(trained.data, split))
         if as_json:
-            click.echo(json.dumps({
-                "checkpoint": str(trained.path),
-                "model": trained.config.model,
-                "dataset": trained.config.dataset,
-                "split": split,
-                "epoch": trained.epoch,
-                "samples": sum(total),
-                "loss": metrics["val/loss"],
-                "accuracy": metrics["val/acc"],
-                "classes": {str(name): {"correct": c, "total": t, "accuracy": c / t if t else None}
-                            for name, c, t in zip(trained.data.classes, correct, total)},
-                "confusion_matrix": confusion.tolist(),
-            }, indent=2))
+            result = {"checkpoint": str(trained.path), "model": trained.config.model, "dataset": trained.config.dataset,
+                      "task": trained.task.name, "split": split, "epoch": trained.epoch, "samples": samples,
+                      "metrics": values}
+            if classes is not None:
+                confusion = classes.confusion
+                correct, total = confusion.diagonal().tolist(), confusion.sum(dim=1).tolist()
+                result.update({
+                    "loss": metrics["val/loss"],
+                    "accuracy": metrics["val/acc"],
+                    "classes": {str(name): {"correct": c, "total": t, "accuracy": c / t if t else None}
+                                for name, c, t in zip(trained.data.classes, correct, total)},
+                    "confusion_matrix": confusion.tolist(),
+                })
+            click.echo(json.dumps(result, indent=2))
             return
         click.echo(f"{trained.path}: {trained.config.model} on {trained.config.dataset} ({split} split, "
-                   f"{sum(total)} samples), epoch {trained.epoch}")
-        click.echo(f"loss {metrics['val/loss']:.4f}  accuracy {100 * metrics['val/acc']:.2f} %")
-        click.echo(classes.format_table())
+                   f"{samples} samples), epoch {trained.epoch}")
+        if classes is not None:
+            click.echo(f"loss {metrics['val/loss']:.4f}  accuracy {100 * metrics['val/acc']:.2f} %")
+            click.echo(classes.format_table())
+        else:
+            click.echo("  ".join(f"{key.removeprefix('val/')} {value:.4f}" for key, value in values.items()))
 
     @cli.command()
     @checkpoint_option
-    @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-    @click.option("-k", "--top-k", type=int, default=5, show_default=True, help="Classes to show per image.")
+    @click.argument("inputs", nargs=-1, required=True)
+    @click.option("-k", "--top-k", type=int, default=5, show_default=True, help="Classes (or next tokens) to show per input.")
     @dataset_option
     @data_root_option
     @device_option
     @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
     @debug_option
     @reports_errors
-    def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, dataset: str | None, data_root: str | None,
+    def predict(checkpoint: Path, inputs: tuple[str, ...], top_k: int, dataset: str | None, data_root: str | None,
                 device: str, as_json: bool) -> None:
-        """Top classes with probabilities for image files.
+        """What a saved model predicts for INPUTS, as its task reads it.
 
-        Images are prepared as the run's validation images were: converted to
-        the model's channels and size (or passed through the dataset's own
-        transforms) and normalised with the dataset's mean and std.
+        INPUTS are image files for a model of images (prepared as the run's
+        validation images were: converted to the model's channels and size, or
+        passed through the dataset's own transforms, then normalised), CSV files
+        of feature vectors (one sample a line) for a model of vectors, and text
+        prompts for a language model (its next token; 'trainer generate' writes on).
 
         \b
         Examples:
           trainer predict --checkpoint runs/my-run ant.jpg bee.jpg
           trainer predict --checkpoint best.pt --top-k 3 --json photos/*.png
+          trainer predict --checkpoint runs/diabetes patients.csv
         """
+        import torch
+
         if top_k < 1:
             raise UsageError(f"--top-k must be >= 1 (got {top_k})")
         trained = load_trained(checkpoint, dataset, data_root)
-        probabilities = predict_proba(trained, load_images(images, trained.data), device)
-        values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
-        classes = [str(c) for c in trained.data.classes]
-        results = [
-            {"image": str(path),
-             "predictions": [{"class": classes[i], "index": i, "probability": p} for p, i in zip(v.tolist(), ix.tolist())]}
-            for path, v, ix in zip(images, values, indices)
-        ]
+        data, task = trained.data, trained.task
+        names = [str(c) for c in data.classes]
+        if task.name == "language-model":
+            labels = list(inputs)
+            rows = [predictions(trained, torch.tensor([encode_prompt(text, data)[-data.input_shape[0]:]]), device)[0]
+                    for text in labels]
+        else:
+            paths = [Path(item) for item in inputs]
+            if len(data.input_shape) == 3:
+                labels, batch = [str(p) for p in paths], load_images(paths, data)
+            else:
+                batch, labels = load_rows(paths, data)
+            rows = list(predictions(trained, batch, device))
+        key = "prompt" if task.name == "language-model" else ("image" if len(data.input_shape) == 3 else "input")
+        results = [{key: label, **task.describe(row, names, top_k)} for label, row in zip(labels, rows)]
         if as_json:
             click.echo(json.dumps(results, indent=2))
             return
-        width = max(len(c) for c in classes)
         for result in results:
-            click.echo(result["image"])
-            for rank, p in enumerate(result["predictions"], 1):
-                click.echo(f"  {rank}. {p['class']:<{width}}  {100 * p['probability']:6.2f} %")
+            click.echo(result[key])
+            for line in task.format(result):
+                click.echo(f"  {line}")
+
+    @cli.command()
+    @checkpoint_option
+    @click.option("--prompt", default="", help="Text to start from (default: nothing).")
+    @click.option("-n", "--tokens", type=int, default=200, show_default=True, help="Tokens to write after the prompt.")
+    @click.option("--temperature", type=float, default=0.8, show_default=True,
+                  help="Sampling temperature; 0 always takes the likeliest token.")
+    @click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the K likeliest tokens only (0: all).")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
+    @data_root_option
+    @device_option
+    @debug_option
+    @reports_errors
+    def generate(checkpoint: Path, prompt: str, tokens: int, temperature: float, top_k: int, seed: int,
+                 data_root: str | None, device: str) -> None:
+        """Write text with a saved language model: the prompt, then sampled tokens.
+
+        \b
+        Examples:
+          trainer generate --checkpoint runs/pydoc-charlm --prompt "The " -n 300
+        """
+        from trainer_core.runtime import select_device
+
+        for name, value, low in (("--tokens", tokens, 1), ("--temperature", temperature, 0), ("--top-k", top_k, 0)):
+            if not value >= low:
+                raise UsageError(f"{name} must be >= {low} (got {value})")
+        trained = load_trained(checkpoint, data_root=data_root)
+        if not hasattr(trained.task, "generate"):
+            raise UsageError(f"generate needs a language model; {trained.path} was trained for task '{trained.task.name}' "
+                             "(use trainer predict)")
+        data = trained.data
+        ids = encode_prompt(prompt, data)
+        if not ids:  # nothing to condition on: start from a new line (or the first token)
+            ids = encode_prompt("\n", data) if "\n" in data.classes else [0]
+        model = trained.model.to(select_device(device))
+        new = trained.task.generate(model, ids, tokens, data.input_shape[0], temperature=temperature, top_k=top_k, seed=seed)
+        click.echo(prompt + "".join(str(data.classes[i]) for i in new))
 
     @cli.command()
     @checkpoint_option
@@ -500,9 +648,12 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
     def export(checkpoint: Path, fmt: str, output: Path, data_root: str | None) -> None:
         """Write a trained model to a file other programs load with plain torch.
 
-        The file takes float images scaled to [0, 1] (N x C x H x W, any N):
-        the dataset's normalisation is part of it.  It returns logits.  Class
-        names and the input shape are stored inside as trainer.json.
+        The file takes the model's inputs as the trainer feeds them before
+        normalisation (float images scaled to [0, 1] as N x C x H x W, feature
+        vectors, or token ids; any N): the dataset's normalisation is part of
+        it.  It returns what the task says (logits for classification, values
+        in the targets' units for regression).  Output names, the input shape
+        and the task are stored inside as trainer.json.
 
         \b
         Examples:
@@ -514,16 +665,17 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         trained = load_trained(checkpoint, data_root=data_root)
         export_model(trained, fmt, output)
         click.echo(f"wrote {output} ({fmt}) from {trained.path}: {trained.config.model} on {trained.config.dataset}, "
-                   f"input {tuple(trained.data.input_shape)}, {len(trained.data.classes)} classes")
+                   f"input {tuple(trained.data.input_shape)}, task {trained.task.name}, "
+                   f"{trained.task.output_size(trained.data)} outputs")
 
     @cli.command()
     @click.argument("folder", required=False, default="runs", type=click.Path(path_type=Path))
-    @click.option("--metric", default="val/acc", show_default=True,
-                  help="Metric whose best value is shown (lowest for losses and errors, else highest).")
+    @click.option("--metric", help="Metric whose best value is shown (lowest for losses and errors, else highest).  "
+                                   "[default: each run's headline metric, e.g. val/acc for classification]")
     @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
     @debug_option
     @reports_errors
-    def runs(folder: Path, metric: str, as_json: bool) -> None:
+    def runs(folder: Path, metric: str | None, as_json: bool) -> None:
         """A table of past runs in FOLDER (default: runs), oldest first.
 
         Read from each run folder's config.toml, metrics.jsonl and
@@ -537,10 +689,12 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         if not rows:
             click.echo(f"no runs in {folder}")
             return
-        headers = ["name", "date", "model", "dataset", "epochs", f"best {metric}", "duration", "status"]
+        # One metric for every row, or each run's own headline metric, named in its cell.
+        headers = ["name", "date", "model", "dataset", "epochs", f"best {metric or 'headline metric'}", "duration", "status"]
+        named = "" if metric else "{metric} "
         cells = [
             [r["name"], r["date"], r["model"], r["dataset"], str(r["epochs"] if r["epochs"] is not None else "-"),
-             f"{r['best']:.4f} (epoch {r['best_epoch']})" if r["best"] is not None else "-",
+             f"{named.format(metric=r['metric'])}{r['best']:.4f} (epoch {r['best_epoch']})" if r["best"] is not None else "-",
              _duration(r["duration_s"]), r["status"]]
             for r in rows
         ]

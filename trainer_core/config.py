@@ -20,7 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_PLUGINS = ("progress",)
-RESERVED_OWNERS = ("model", "dataset")
+RESERVED_OWNERS = ("model", "dataset", "task")
 
 
 @dataclass
@@ -29,6 +29,7 @@ class RunConfig:
 
     model: str = "smallcnn"
     dataset: str = "digits"
+    task: str | None = None
     data_root: str | None = None
     epochs: int = 15
     batch_size: int = 32
@@ -52,6 +53,7 @@ class RunConfig:
     runs_root: str = "runs"
     model_options: dict[str, Any] = field(default_factory=dict)
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
     plugins: dict[str, dict[str, Any]] = field(default_factory=lambda: {name: {} for name in DEFAULT_PLUGINS})
 
     def validate(self) -> RunConfig:
@@ -81,8 +83,9 @@ class RunConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("model", "dataset"):
-                out[f.name] = {"name": value, **getattr(self, f"{f.name}_options")}
+            if f.name in RESERVED_OWNERS and (value is not None or getattr(self, f"{f.name}_options")):
+                name = {"name": value} if value is not None else {}
+                out[f.name] = {**name, **getattr(self, f"{f.name}_options")}
             elif f.name == "plugins":
                 out["plugins"] = {name: dict(opts) for name, opts in value.items()}
                 out["plugins"].update({name: False for name in DEFAULT_PLUGINS if name not in value})
@@ -95,7 +98,7 @@ class RunConfig:
 SCALAR_FIELDS = {
     name: hint
     for name, hint in typing.get_type_hints(RunConfig).items()
-    if name not in ("model_options", "dataset_options", "plugins")
+    if name not in ("model_options", "dataset_options", "task_options", "plugins")
 }
 
 

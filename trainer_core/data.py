@@ -31,11 +31,14 @@ from trainer_core.errors import UsageError
 
 @dataclass
 class TensorSplit:
-    """One split held in memory.
+    """One split held in memory: ``N`` samples of any shape.
 
-    :ivar inputs: ``N x C x H x W`` images, ``uint8`` (scaled by 1/255 per
-        batch) or floating point (used as is before normalisation).
-    :ivar targets: ``N`` class indices (``int64``).
+    :ivar inputs: ``N x ...`` samples: ``uint8`` images (``N x C x H x W``,
+        scaled by 1/255 per batch), floating-point features or images (used as
+        they are before normalisation), or integer token ids (passed through).
+    :ivar targets: ``N x ...`` targets in the form the task expects: class
+        indices (``int64``) for classification, floats for regression,
+        multi-hot rows for multi-label, next-token ids for language models.
     """
 
     inputs: torch.Tensor
@@ -58,10 +61,16 @@ class DataBundle:
 
     :ivar train: the training split.
     :ivar val: the validation split.
-    :ivar classes: a name per class index.
-    :ivar input_shape: shape of one input, e.g. ``(1, 8, 8)``.
-    :ivar mean: per-channel mean subtracted from in-memory batches (after scaling).
-    :ivar std: per-channel standard deviation they are divided by.
+    :ivar classes: a name per model output: the class names (classification),
+        the label names (multi-label), the target names (regression) or the
+        vocabulary, one string per token id (language model).
+    :ivar input_shape: shape of one input, e.g. ``(1, 8, 8)`` for images,
+        ``(10,)`` for feature vectors, ``(128,)`` for token sequences.
+    :ivar mean: per-channel (images) or per-feature (vectors) mean subtracted
+        from every batch after scaling; ``None``: no normalisation.
+    :ivar std: the standard deviation they are then divided by.
+    :ivar task: the name of the task the dataset is for (``trainer tasks``);
+        ``None`` means classification.  ``--task`` overrides it.
     """
 
     train: Split
@@ -70,10 +79,17 @@ class DataBundle:
     input_shape: tuple[int, ...]
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    task: str | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def held_targets(split: Split) -> torch.Tensor | None:
+    """All targets of an in-memory split (for checks and statistics), or ``None``
+    for a ``Dataset``, whose targets are read one file at a time."""
+    return split.targets if isinstance(split, TensorSplit) else None
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
@@ -91,6 +107,8 @@ class Batches:
     :param world_size: training: ``batch_size`` (a multiple of it) is the
         global batch, and this rank takes its part of every batch;
         evaluation: this rank batches its part of the split.
+    :param input_dims: dimensions of one input (3 for images): ``mean`` and
+        ``std`` apply along the first.
 
     :ivar uneven: ``(step, loss_scale, samples)`` when this rank's part of the
         epoch's last, partial training batch is not its equal share, else
@@ -113,6 +131,7 @@ class Batches:
         num_workers: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        input_dims: int = 3,
     ) -> None:
         self.batch_size = batch_size
         self.device = device
@@ -148,7 +167,7 @@ class Batches:
                 persistent_workers=workers > 0,  # workers outlive an epoch: no start-up cost per epoch
                 worker_init_fn=ignore_stop_signals,
             )
-        shape = (1, -1, 1, 1)
+        shape = (1, -1, *[1] * (input_dims - 1))  # per channel of an image, per feature of a vector
         self.mean = torch.tensor(mean, device=device).view(shape) if mean is not None else None
         self.std = torch.tensor(std, device=device).view(shape) if std is not None else None
 

@@ -1,4 +1,4 @@
-"""Discovery of plugins, models and datasets through entry points.
+"""Discovery of plugins, models, datasets and tasks through entry points.
 
 Listing reads package metadata only; nothing is imported until :meth:`Entry.load`.
 """
@@ -15,8 +15,9 @@ from trainer_core.suggest import did_you_mean
 PLUGINS = "trainer.plugins"
 MODELS = "trainer.models"
 DATASETS = "trainer.datasets"
+TASKS = "trainer.tasks"
 
-_KIND = {PLUGINS: "plugin", MODELS: "model", DATASETS: "dataset"}
+_KIND = {PLUGINS: "plugin", MODELS: "model", DATASETS: "dataset", TASKS: "task"}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ mistakes fail before training starts with a message naming the plugin."""
 from __future__ import annotations
 
 import inspect
+import logging
 from types import TracebackType
 from typing import Any, Callable, Mapping
 
@@ -16,6 +17,7 @@ from trainer_core.options import bind_options
 from trainer_core.suggest import did_you_mean
 
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
+log = logging.getLogger("trainer_core")
 
 
 def make_plugin_manager() -> pluggy.PluginManager:
@@ -104,6 +106,28 @@ def call_each(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> dict[str, A
     for impl in getattr(pm.hook, hook).get_hookimpls():
         results[impl.plugin_name] = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
     return results
+
+
+def call_each_guarded(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> None:
+    """Call every implementation of ``hook``; one that raises is reported as a
+    warning and the others still run (``on_exception`` must not hide the
+    exception that ended the run)."""
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        try:
+            impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+        except Exception as exc:
+            log.warning("plugin '%s' failed in %s: %s: %s", impl.plugin_name, hook, type(exc).__name__, exc)
+
+
+def merge_collected(pm: pluggy.PluginManager, metrics: dict[str, float], producers: dict[str, str], **kwargs: Any) -> None:
+    """Add every plugin's ``collect_eval_metrics`` result to ``metrics``, whose
+    keys ``producers`` names the producer of; a name produced twice is an error naming both."""
+    for plugin, extra in call_each(pm, "collect_eval_metrics", **kwargs).items():
+        for key, value in (extra or {}).items():
+            if key in producers:
+                raise PluginError(f"metric '{key}' is produced by both {producers[key]} and plugin '{plugin}'; rename one")
+            producers[key] = f"plugin '{plugin}'"
+            metrics[key] = float(value)
 
 
 def direct_caller(pm: pluggy.PluginManager, hook: str) -> Callable[..., None] | None:

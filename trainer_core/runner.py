@@ -1,5 +1,5 @@
-"""Build a run from its config: plugins, dataset and model from their entry
-points, the run folder, and the :class:`Trainer` that ties them together.
+"""Build a run from its config: plugins, dataset, task and model from their
+entry points, the run folder, and the :class:`Trainer` that ties them together.
 
 Everything that can be wrong with the input is found here, before the run
 folder is created, so a bad command leaves nothing behind.
@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import pluggy
 from torch import nn
 
+from trainer_core.checkpointing import describe_misfit
 from trainer_core.config import RunConfig
 from trainer_core.data import DataBundle
 from trainer_core.distributed import broadcast_object, check_config, init_for_library, rank
@@ -23,7 +24,8 @@ from trainer_core.options import bind_options
 from trainer_core.pluginmanager import instantiate, make_plugin_manager, register
 from trainer_core.rundir import RunDir, default_run_path
 from trainer_core.runtime import seed_everything, select_device
-from trainer_core.trainer import Trainer, _misfit
+from trainer_core.task import check_fit, load_task, task_name
+from trainer_core.trainer import Trainer
 
 
 def load_plugins(pm: pluggy.PluginManager, wanted: Mapping[str, Mapping[str, Any]]) -> None:
@@ -51,12 +53,14 @@ def load_dataset(name: str, options: Mapping[str, Any], data_root: str | None) -
     return data
 
 
-def build_model(name: str, options: Mapping[str, Any], data: DataBundle) -> nn.Module:
+def build_model(name: str, options: Mapping[str, Any], data: DataBundle, outputs: int) -> nn.Module:
+    """The model registered as ``name`` for ``data``, with ``outputs`` values per
+    sample (its factory's ``num_classes``: what the task's :meth:`~trainer_core.Task.output_size` says)."""
     entry = Registry(MODELS).get(name)
     factory = entry.load()
     kwargs = bind_options(factory, options, owner="model", skip=("input_shape", "num_classes"))
     try:
-        model = factory(input_shape=tuple(data.input_shape), num_classes=data.num_classes, **kwargs)
+        model = factory(input_shape=tuple(data.input_shape), num_classes=outputs, **kwargs)
     except ValueError as exc:
         raise UsageError(f"model '{name}': {exc}") from None
     if not isinstance(model, nn.Module):
@@ -91,14 +95,17 @@ def build_run(
     check_config(config)
     load_plugins(pm, config.plugins)
     data = load_dataset(config.dataset, config.dataset_options, config.data_root)
+    task = load_task(task_name(config.task, data), config.task_options)
+    check_fit(task, data, config.dataset)
+    config.task = task.name  # recorded, so eval, predict and export rebuild the same task
     seed_everything(config.seed)
-    model = build_model(config.model, config.model_options, data)
+    model = build_model(config.model, config.model_options, data, task.output_size(data))
     if resume is not None and isinstance(resume.get("model"), Mapping):
         # Refused here, before the run folder (often the resumed run's own) is touched.
         try:
             model.load_state_dict(resume["model"])
         except RuntimeError:
-            raise UsageError(_misfit(model.state_dict(), resume["model"])) from None
+            raise UsageError(describe_misfit(model.state_dict(), resume["model"])) from None
     run_dir = None
     if write_files:
         # The default name holds the time: every rank takes rank zero's choice, and only rank zero writes.
@@ -109,7 +116,7 @@ def build_run(
         else:
             run_dir = RunDir(path)
     try:
-        return Trainer(model, data, config, pm=pm, run_dir=run_dir, resume=resume)
+        return Trainer(model, data, config, task=task, pm=pm, run_dir=run_dir, resume=resume)
     except BaseException:
         if run_dir is not None:
             run_dir.close()

@@ -1,5 +1,5 @@
-"""The part of a training step that options change: mixed precision,
-gradient accumulation, gradient clipping and skipping non-finite steps.
+"""The part of a training step that options change: the optimizer, mixed
+precision, gradient accumulation, gradient clipping and skipping non-finite steps.
 
 Kept out of the loop so the loop reads the same whichever options are on.
 """
@@ -16,6 +16,12 @@ from trainer_core import distributed
 from trainer_core.config import RunConfig
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+}
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager[Any]]:

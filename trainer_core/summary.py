@@ -10,39 +10,47 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainer_core import __version__
+from trainer_core.task import metric_mode
 
 if TYPE_CHECKING:
-    from trainer_core.trainer import Trainer
+    from trainer_core.config import RunConfig
+    from trainer_core.state import TrainState
+    from trainer_core.task import Task
 
 
-def run_summary(trainer: Trainer, status: str, duration: float, error: str | None = None) -> dict[str, Any]:
-    """What ``summary.json`` holds: final and best metrics, timing, versions."""
-    history = trainer.state.history
+def best_metrics(history: list[dict[str, float]], task: Task) -> dict[str, dict[str, float]]:
+    """The best evaluation of each of the task's metrics: value, epoch and step."""
     best = {}
-    for key, pick in (("val/acc", max), ("val/loss", min)):
+    for key in task.modes:
         values = [m for m in history if key in m and math.isfinite(m[key])]
         if values:
+            pick = min if metric_mode(key, task) == "min" else max
             chosen = pick(values, key=lambda m: m[key])
             best[key] = {"value": chosen[key], "epoch": chosen["epoch"], "step": chosen["step"]}
-    seconds = trainer.state.train_seconds
+    return best
+
+
+def run_summary(state: TrainState, config: RunConfig, task: Task, *, status: str, duration: float, error: str | None,
+                skipped_steps: int, device: torch.device, processes: int) -> dict[str, Any]:
+    """What ``summary.json`` holds: final and best metrics, timing, versions."""
+    seconds = state.train_seconds
     return {
         "status": status,
-        "stop_reason": trainer.state.stop_reason,
+        "stop_reason": state.stop_reason,
         "error": error,
-        "epochs": trainer.state.epoch,
-        "steps": trainer.state.step,
-        "final": trainer.state.metrics,
-        "best": best,
-        "started": datetime.datetime.fromtimestamp(trainer.state.started_at, datetime.timezone.utc).isoformat(
-            timespec="seconds"),
+        "task": task.name,
+        "headline": task.headline,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "final": state.metrics,
+        "best": best_metrics(state.history, task),
+        "started": datetime.datetime.fromtimestamp(state.started_at, datetime.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(duration, 3),
         "train_seconds": round(seconds, 3),
-        "samples_per_s": round(trainer.state.train_samples / seconds, 1) if seconds > 0 else None,
-        "compile_seconds": round(trainer.state.compile_seconds, 3) if trainer.config.compile else None,
-        "skipped_steps": trainer.stepper.skipped if trainer.stepper is not None else 0,
-        "device": str(trainer.device),
-        "processes": trainer.world_size,
+        "samples_per_s": round(state.train_samples / seconds, 1) if seconds > 0 else None,
+        "compile_seconds": round(state.compile_seconds, 3) if config.compile else None,
+        "skipped_steps": skipped_steps,
+        "device": str(device),
+        "processes": processes,
         "versions": {"trainer-core": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
-
-

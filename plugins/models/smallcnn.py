@@ -38,6 +38,9 @@ def build(
     :param dropout: dropout before the classifier's first layer.
     :param weights: a state dict, checkpoint or run folder to start from; layers
         of another shape (a head for another class count) start fresh."""
+    if len(input_shape) != 3:
+        raise ValueError(f"smallcnn needs images (channels x height x width), got input shape {tuple(input_shape)}; "
+                         "use a model for such inputs, e.g. --model mlp")
     if width < 1:
         raise ValueError(f"width must be >= 1 (got {width})")
     if not 0 <= dropout < 1:

@@ -1,0 +1,1 @@
+"""Built-in tasks (entry-point group ``trainer.tasks``)."""

@@ -1,0 +1,54 @@
+"""How every ``trainer`` command reports an error: one line on stderr and an
+exit status, or the full traceback with ``--debug`` (or ``TRAINER_DEBUG=1``)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+
+from trainer_core.errors import TrainerError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+debug_option = click.option(
+    "--debug", is_flag=True, envvar="TRAINER_DEBUG", help="Show the full traceback of an error (or set TRAINER_DEBUG=1)."
+)
+
+
+def reports_errors(command: F) -> F:
+    """Turn errors into one line on stderr and an exit status, unless ``--debug``."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except TrainerError as exc:
+            if debug:
+                raise
+            echo_error(str(exc), exc)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if debug:
+                raise
+            echo_error(f"{type(exc).__name__}: {exc} (run again with --debug for the traceback)", exc)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def echo_error(message: str, exc: BaseException) -> None:
+    """Print ``error: message`` on stderr.  In one process of a distributed run,
+    name its rank and leave the message for torchrun's failure report."""
+    from trainer_core.distributed import record_error, worker_label, worker_message
+
+    message = worker_message(message, exc)
+    click.echo(f"error: {worker_label()}{message}", err=True)
+    record_error(message, exc)
