@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from trainer_core import Trainer
 
-HEAD_NAMES = ("fc", "classifier")
+HEAD_NAMES = ("fc", "classifier", "head")
 
 
 class Freeze:
@@ -34,7 +34,7 @@ class Freeze:
         freeze_bn: bool = True,
     ) -> None:
         """:param train: modules to keep trainable (by name, e.g. ``fc``); everything else is frozen.
-            Default: the auto-detected head (``fc``, ``classifier`` or the last ``Linear``).
+            Default: the auto-detected head (``fc``, ``classifier``, ``head`` or the last ``Linear``).
         :param freeze: modules to freeze (e.g. ``layer1,layer2``); everything else trains.
         :param unfreeze_at_epoch: epoch at which the frozen modules start training (0: never).
         :param unfreeze_lr_factor: their learning rate relative to the current one.
@@ -71,12 +71,15 @@ class Freeze:
                     f"its top-level modules: {listing}"
                 )
 
-        def is_frozen(name: str) -> bool:  # a parameter's or module's dotted name
+        def is_frozen(name: str) -> bool:  # a module's dotted name
             inside = any(_within(name, n) for n in named)
             return inside if self.freeze else not inside
 
+        # By identity, not by name: a parameter two modules share (a language model's head tied
+        # to its embedding) is listed once, under one name, yet belongs to both.
+        named_ids = {id(p) for n in named for p in modules[n].parameters()}
         # Only what trains now is frozen (and later unfrozen), in model.parameters() order.
-        self.frozen_params = [p for n, p in model.named_parameters() if p.requires_grad and is_frozen(n)]
+        self.frozen_params = [p for p in model.parameters() if p.requires_grad and (id(p) in named_ids) == bool(self.freeze)]
         for param in self.frozen_params:
             param.requires_grad_(False)
         self.frozen_bn = [m for n, m in modules.items() if _is_batchnorm(m) and is_frozen(n)]
@@ -137,7 +140,7 @@ def _is_batchnorm(module: nn.Module) -> bool:
 
 
 def _find_head(model: nn.Module) -> str:
-    """The classifier head's module name: ``fc``, ``classifier``, or the last ``Linear``."""
+    """The head's module name: ``fc``, ``classifier``, ``head``, or the last ``Linear``."""
     from torch import nn
 
     for name in HEAD_NAMES:
@@ -146,7 +149,7 @@ def _find_head(model: nn.Module) -> str:
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
         raise UsageError(
-            "freeze: cannot find the classifier head (no 'fc', 'classifier' or Linear layer); "
+            "freeze: cannot find the model's head (no 'fc', 'classifier', 'head' or Linear layer); "
             "name the modules to train with -o freeze.train=NAME"
         )
     return linears[-1]

@@ -369,7 +369,7 @@ def test_export_refuses_a_file_that_does_not_reproduce_the_model(trained: dict, 
 
     base = trained["trainer"]
     model = BatchDependent()
-    candidate = Trained(trained["checkpoint"], {}, base.config, base.data, model)
+    candidate = Trained(trained["checkpoint"], {}, base.config, base.data, model, base.task)
     output = tmp_path / "model.ts"
     output.write_bytes(b"previous export")
     with pytest.raises(UsageError, match="differ from the model's.*nothing was written"):

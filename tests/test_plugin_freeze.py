@@ -70,7 +70,7 @@ def test_unknown_module_is_a_usage_error_with_a_suggestion() -> None:
 
 def test_model_without_a_head_needs_names() -> None:
     model = nn.Sequential(nn.Conv2d(1, 3, 4), nn.Flatten())
-    with pytest.raises(UsageError, match="cannot find the classifier head.*-o freeze.train=NAME"):
+    with pytest.raises(UsageError, match="cannot find the model.s head.*-o freeze.train=NAME"):
         setup(Freeze(), model)
 
 
@@ -170,3 +170,21 @@ def test_works_on_a_model_from_the_registry() -> None:
     assert trainable_count > 0 and frozen_count > 0
     assert sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]) == trainable_count
     assert trainer.state.metrics["val/acc"] > 0.5
+
+
+def test_a_head_tied_to_the_embedding_keeps_training_with_it() -> None:
+    # tiny-gpt's head shares its weight with the token embedding: listed once, under the
+    # embedding's name, it is still the head's, so it trains, and nothing else does.
+    from plugins.models.tiny_gpt import build
+    from trainer_core import DataBundle, TensorSplit
+
+    tokens = torch.randint(0, 11, (32, 9), generator=torch.Generator().manual_seed(0))
+    data = DataBundle(TensorSplit(tokens[:, :-1], tokens[:, 1:]), TensorSplit(tokens[:8, :-1], tokens[:8, 1:]),
+                      [chr(97 + i) for i in range(11)], (8,), task="language-model")
+    model = build((8,), 11, width=16, depth=1, heads=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plugin = Freeze()
+    trainer = run_tiny({"freeze": plugin}, data=data, model=model, epochs=1)
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert plugin.frozen_modules == ["everything but head"]
+    assert changed == {n for n, p in trainer.model.named_parameters() if p is trainer.model.head.weight}

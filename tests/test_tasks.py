@@ -19,7 +19,7 @@ from sklearn import metrics as skm
 from trainer_core import DataBundle, TensorSplit, UsageError
 from trainer_core.cli import make_cli
 from trainer_core.task import Task, load_task
-from trainer_core.testing import run_tiny, tiny_model, write_fake_distribution
+from trainer_core.testing import run_tiny, tiny_model
 
 CPU = torch.device("cpu")
 
@@ -333,38 +333,11 @@ def test_tensorboard_follows_the_task(diabetes_run: Path, tmp_path: Path) -> Non
 
 # -- a third party's task --------------------------------------------------------
 
-POISSON = '''
-import math
+def documented_task() -> str:
+    """The example task of docs/tasks.md, as written there."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "tasks.md").read_text()
+    return next(block for block in text.split("```python\n")[1:] if "class Counts(Task)" in block).split("```")[0]
 
-import torch
-import torch.nn.functional as F
-
-from trainer_core import Task
-
-
-class Counts(Task):
-    """Counts: Poisson regression on a log-rate output."""
-
-    headline = "val/deviance"
-    modes = {"val/loss": "min", "val/deviance": "min"}
-
-    def loss(self, outputs, targets):
-        return F.poisson_nll_loss(outputs.squeeze(1), targets)
-
-    def new_sums(self, device):
-        return torch.zeros(3, dtype=torch.float64, device=device)
-
-    def add_sums(self, sums, outputs, targets):
-        rate = outputs.squeeze(1).exp().double()
-        y = targets.double()
-        sums[0] += self.loss(outputs, targets).double() * len(y)
-        sums[1] += 2 * (torch.xlogy(y, y / rate) - (y - rate)).sum()
-        sums[2] += len(y)
-
-    def metrics(self, sums):
-        loss, deviance, size = sums.tolist()
-        return {"val/loss": loss / size, "val/deviance": deviance / size}
-'''
 
 COUNTS_DATA = '''
 import torch
@@ -381,10 +354,10 @@ def load(size: int = 256):
 '''
 
 
-def test_a_third_party_task_from_an_entry_point_trains(fake_entry_points, tmp_path: Path) -> None:
+def test_the_documented_third_party_task_trains_from_an_entry_point(fake_entry_points, tmp_path: Path) -> None:
     fake_entry_points("trainer-counts", {"trainer.tasks": {"counts": "counts_task:Counts"},
                                         "trainer.datasets": {"counts": "counts_data:load"}},
-                      modules={"counts_task": POISSON, "counts_data": COUNTS_DATA})
+                      modules={"counts_task": documented_task(), "counts_data": COUNTS_DATA})
     run = tmp_path / "run"
     code, output = invoke("run", "--dataset", "counts", "--model", "mlp", "--epochs", "6", "--lr", "0.01", "--quiet",
                           "--plugins", "checkpoint,early-stopping", "--run-dir", run)

@@ -115,14 +115,19 @@ def newest_checkpoint(run_path: Path) -> Path | None:
 
 
 def describe_misfit(own: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> str:
-    """Why a checkpoint's weights do not load into a model: the keys that differ, a few of each kind."""
+    """Why a checkpoint's weights do not load into a model, for a resume."""
+    return (f"checkpoint does not fit this model ({misfit_details(own, saved)}): resume with the same model and classes, "
+            "or start from its weights with a new head with -o model.weights=PATH")
+
+
+def misfit_details(own: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> str:
+    """The keys of two state dicts that differ, a few of each kind."""
     shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in saved and saved[k].shape != v.shape]
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
     parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
              for label, keys in (("shape in checkpoint vs model", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
-    return (f"checkpoint does not fit this model ({'; '.join(parts)}): resume with the same model and classes, or start "
-            "from its weights with a new head with -o model.weights=PATH")
+    return "; ".join(parts)
 
 
 def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> list[str]:

@@ -8,7 +8,6 @@ non-zero exit status; ``--debug`` (or ``TRAINER_DEBUG=1``) shows the traceback.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import sys

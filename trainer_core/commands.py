@@ -78,6 +78,7 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     from trainer_core.config import RunConfig, apply_mapping, set_field
     import torch
 
+    from trainer_core.checkpointing import misfit_details
     from trainer_core.runner import build_model, load_dataset
     from trainer_core.task import check_fit, load_task, task_name
 
@@ -105,12 +106,10 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     model = build_model(config.model, options, data, task.output_size(data))
     try:
         model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UsageError(
-            f"the weights in {path} do not fit model '{config.model}' built for dataset '{config.dataset}' "
-            f"({task.output_size(data)} outputs): {first}"
-        ) from None
+    except RuntimeError:
+        outputs = f"{task.output_size(data)} {'classes' if task.name == 'classification' else 'outputs'}"
+        raise UsageError(f"the weights in {path} do not fit model '{config.model}' built for dataset '{config.dataset}' "
+                         f"({outputs}): {misfit_details(model.state_dict(), payload['model'])}") from None
     model.eval()
     return Trained(path, payload, config, data, model, task)
 

@@ -100,7 +100,10 @@ def on_batch_start(trainer: Trainer, batch_idx: int, inputs: torch.Tensor, targe
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param batch_idx: index of the batch within the epoch, from 0.
     :param inputs: the batch's inputs, on the training device, normalised.
-    :param targets: the batch's class indices, on the training device.
+    :param targets: the batch's targets, on the training device, in the task's
+        form (``trainer.task.name``): class indices for classification, float
+        values for regression, multi-hot rows for multilabel, the next token ids
+        for a language model.
     :return: ignored.
     """
 
@@ -146,8 +149,11 @@ def on_batch_end(
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param batch_idx: index of the batch within the epoch, from 0.
     :param inputs: the batch's inputs, on the device.
-    :param targets: the batch's class indices, on the device.
-    :param outputs: the model's logits for the batch, detached; a plugin may
+    :param targets: the batch's targets, in the task's form (see :func:`on_batch_start`).
+    :param outputs: the model's outputs for the batch (class logits for
+        classification, one value per target for regression, a logit per label
+        for multilabel, ``N x T x vocabulary`` logits for a language model),
+        detached; a plugin may
         keep them past the step (with ``compile_mode = "reduce-overhead"``, whose
         CUDA graphs reuse their buffers, they are a copy).
     :param loss: the batch's mean loss, detached, on the device.
@@ -191,8 +197,9 @@ def on_eval_batch(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor,
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param inputs: the batch's inputs, on the device.
-    :param targets: the batch's class indices, on the device.
-    :param outputs: the model's logits for the batch.
+    :param targets: the batch's targets, in the task's form (see :func:`on_batch_start`).
+    :param outputs: the model's outputs for the batch, as in :func:`on_batch_end`
+        (``trainer.task.predict(outputs)`` reads them as probabilities or values).
     :return: ignored.
     """
 
@@ -202,9 +209,9 @@ def collect_eval_metrics(trainer: Trainer) -> Mapping[str, float] | None:
     """Called after the last validation batch: return the metrics this plugin
     computed for the evaluation.
 
-    The core merges every plugin's mapping with its own ``val/loss`` and
-    ``val/acc``; two producers of the same name stop the run with an error
-    naming both.  Use names like ``val/acc/<class>``.  In a run of several
+    The core merges every plugin's mapping with the task's metrics
+    (``val/loss`` and ``val/acc`` for classification); two producers of the
+    same name stop the run with an error naming both.  Use names like ``val/acc/<class>``.  In a run of several
     processes, sum what ``on_eval_batch`` collected with
     ``trainer.all_reduce(tensor)`` here (on every rank), then divide.
 
@@ -221,8 +228,9 @@ def on_eval(trainer: Trainer, metrics: Mapping[str, float]) -> None:
     and is written to ``metrics.jsonl``.
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
-    :param metrics: ``epoch``, ``step``, ``train/loss``, ``val/loss``,
-        ``val/acc`` and every collected metric.
+    :param metrics: ``epoch``, ``step``, ``train/loss``, the task's metrics
+        (``val/loss`` first; ``val/acc`` for classification, ``val/r2`` and more
+        for regression: ``trainer tasks`` lists them) and every collected metric.
     :return: ignored.
     """
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer_core import distributed
 from trainer_core.runtime import rng_state
 
 if TYPE_CHECKING:
@@ -17,6 +16,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from trainer_core import distributed
     from trainer_core.config import RunConfig
     from trainer_core.data import Batches, DataBundle
     from trainer_core.lossmeter import LossMeter

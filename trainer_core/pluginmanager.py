@@ -12,7 +12,7 @@ import pluggy
 
 from trainer_core import hookspecs
 from trainer_core.entrypoints import Entry
-from trainer_core.errors import PluginError, UsageError
+from trainer_core.errors import PluginError, TrainerError, UsageError
 from trainer_core.options import bind_options
 from trainer_core.suggest import did_you_mean
 
@@ -154,6 +154,16 @@ def direct_caller(pm: pluggy.PluginManager, hook: str) -> Callable[..., None] | 
             function(*[kwargs[name] for name in argnames])
 
     return call
+
+
+def blame_plugin(pm: pluggy.PluginManager, exc: BaseException) -> PluginError | None:
+    """The error naming the plugin and hook whose code raised ``exc``, or ``None``
+    when no plugin is to blame (the core's own errors, a Ctrl-C that lands in
+    whatever code runs, a plugin's included)."""
+    if not isinstance(exc, Exception) or isinstance(exc, TrainerError):
+        return None
+    fault = locate_fault(pm, exc.__traceback__)
+    return PluginError(f"plugin '{fault[0]}' failed in {fault[1]}: {type(exc).__name__}: {exc}") if fault else None
 
 
 def locate_fault(pm: pluggy.PluginManager, tb: TracebackType | None) -> tuple[str, str] | None:

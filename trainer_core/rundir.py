@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -13,6 +14,8 @@ from typing import Any, Iterator, Mapping
 
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.files import atomic_write_bytes
+
+log = logging.getLogger("trainer_core")
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -102,6 +105,20 @@ class RunDir:
         kept = [line for line, step in steps if step is not None and step <= keep_until_step]
         with _writing(path):
             atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+    def finish(self, summary: Mapping[str, Any] | None, failed: bool) -> None:
+        """Write ``summary`` (when given: the main process's) as ``summary.json`` and
+        release the folder.  A failure to write it (a full disk) is raised, unless
+        the run itself failed, whose own error says more: then it is a warning."""
+        try:
+            if summary is not None:
+                self.write_summary(summary)
+        except TrainerError as exc:
+            if not failed:
+                raise
+            log.warning("%s", exc)
+        finally:
+            self.close()
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         with _writing(self.path / SUMMARY):

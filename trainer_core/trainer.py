@@ -22,13 +22,13 @@ from trainer_core import distributed, snapshot
 from trainer_core.checkpointing import save_checkpoint
 from trainer_core.config import RunConfig
 from trainer_core.data import Batches, DataBundle
-from trainer_core.errors import PluginError, TrainerError, UsageError
+from trainer_core.errors import TrainerError, UsageError
 from trainer_core.lossmeter import LossMeter
 from trainer_core.plugin_api import PluginAPI
-from trainer_core.pluginmanager import (call_each_guarded, direct_caller, hook_names, locate_fault, make_plugin_manager,
+from trainer_core.pluginmanager import (blame_plugin, call_each_guarded, direct_caller, hook_names, make_plugin_manager,
                                         merge_collected, register)
 from trainer_core.rundir import RunDir
-from trainer_core.runtime import rng_state, select_device
+from trainer_core.runtime import select_device
 from trainer_core.signals import StopOnSignal
 from trainer_core.state import TrainState
 from trainer_core.stepping import OPTIMIZERS, Stepper, autocast_for
@@ -130,15 +130,16 @@ class Trainer(PluginAPI):
         except BaseException as exc:
             status, error = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", f"{type(exc).__name__}: {exc}"
             call_each_guarded(self.pm, "on_exception", trainer=self, exception=exc)
-            # A second Ctrl-C lands in whatever code runs, a plugin's too: that is no fault of the plugin.
-            blame = isinstance(exc, Exception) and not isinstance(exc, TrainerError)
-            fault = locate_fault(self.pm, exc.__traceback__) if blame else None
+            fault = blame_plugin(self.pm, exc)
             if fault is not None:
-                raise PluginError(f"plugin '{fault[0]}' failed in {fault[1]}: {type(exc).__name__}: {exc}") from exc
+                raise fault from exc
             raise
         finally:
             if self.run_dir is not None:
-                self._write_summary(status, time.perf_counter() - started, error)
+                summary = run_summary(self.state, self.config, self.task, status=status, error=error,
+                                      duration=time.perf_counter() - started, device=self.device, processes=self.world_size,
+                                      skipped_steps=self.stepper.skipped if self.stepper else 0) if self.is_main else None
+                self.run_dir.finish(summary, failed=error is not None)
 
     def _fit(self) -> None:
         self._emit("on_setup", trainer=self)
@@ -294,17 +295,3 @@ class Trainer(PluginAPI):
 
     def _emit(self, name: str, **kwargs: Any) -> None:
         getattr(self.pm.hook, name)(**kwargs)
-
-    def _write_summary(self, status: str, duration: float, error: str | None) -> None:
-        assert self.run_dir is not None
-        try:
-            if self.is_main:
-                self.run_dir.write_summary(run_summary(self.state, self.config, self.task, status=status, duration=duration,
-                                                       error=error, skipped_steps=self.stepper.skipped if self.stepper else 0,
-                                                       device=self.device, processes=self.world_size))
-        except TrainerError as exc:  # a full disk: the run's own error, if any, says more
-            if error is None:
-                raise
-            log.warning("%s", exc)
-        finally:
-            self.run_dir.close()

@@ -10,8 +10,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from trainer_core import UsageError, hookimpl
-from trainer_core.files import atomic_write_bytes
+from trainer_core import UsageError, atomic_write_bytes, hookimpl
 
 if TYPE_CHECKING:
     from trainer_core import Trainer
