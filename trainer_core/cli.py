@@ -19,9 +19,9 @@ import pluggy
 
 from trainer_core import __version__
 from trainer_core.commands import add_commands
-from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, TASKS, Registry, conflict_message
+from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, TASKS, Entry, Registry, conflict_message
 from trainer_core.errorreport import debug_option, reports_errors
-from trainer_core.errors import TrainerError
+from trainer_core.errors import TrainerError, UsageError
 from trainer_core.pluginmanager import check_plugin, implemented_hooks, make_plugin_manager
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -105,6 +105,32 @@ def show_warnings() -> None:
     if not any(isinstance(h, _WarningLine) for h in logger.handlers):
         logger.addHandler(_WarningLine(logging.WARNING))
         logger.propagate = False
+
+
+def list_entries(group: str, kind: str, describe: Callable[[Entry], list[str]]) -> None:
+    """Print each entry of ``group`` and, indented, what ``describe`` says of it;
+    an entry that fails to load, or a name two distributions declare, shows its
+    error in its row instead, and the listing goes on."""
+    registry = Registry(group)
+    if not registry.names():
+        click.echo(f"no {kind}s installed")
+    for entries in registry.entries():
+        entry = entries[0]
+        click.echo(f"{entry.name}  ({entry.distribution})  {entry.value}")
+        try:
+            if len(entries) > 1:
+                raise UsageError(conflict_message(entries))
+            lines = describe(entry)
+        except TrainerError as exc:
+            lines = [f"error: {exc}"]
+        for line in lines:
+            click.echo(f"    {line}")
+
+
+def summary_of(target: object) -> list[str]:
+    """The first paragraph of ``target``'s docstring, on one line (none when it has none)."""
+    summary = (inspect.getdoc(target) or "").split("\n\n")[0].replace("\n", " ")
+    return [summary] if summary else []
 
 
 def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manager) -> click.Group:
@@ -260,27 +286,14 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         """
         from trainer_core.options import options_of
 
-        registry = Registry(PLUGINS)
-        if not registry.names():
-            click.echo("no plugins installed")
-        for entries in registry.entries():
-            entry = entries[0]
-            click.echo(f"{entry.name}  ({entry.distribution})  {entry.value}")
-            if len(entries) > 1:
-                click.echo(f"    error: {conflict_message(entries)}")
-                continue
-            try:
-                target = entry.load()
-                check_plugin(pm_factory(), entry.name, target, entry.describe())
-            except TrainerError as exc:
-                click.echo(f"    error: {exc}")
-                continue
-            summary = (inspect.getdoc(target) or "").split("\n\n")[0].replace("\n", " ")
-            if summary:
-                click.echo(f"    {summary}")
-            click.echo(f"    hooks: {', '.join(implemented_hooks(pm_factory(), target)) or 'none'}")
+        def describe(entry: Entry) -> list[str]:
+            target = entry.load()
+            check_plugin(pm_factory(), entry.name, target, entry.describe())
             options = options_of(target) if inspect.isclass(target) else []
-            click.echo(f"    options: {'; '.join(o.describe() for o in options) or 'none'}")
+            return [*summary_of(target), f"hooks: {', '.join(implemented_hooks(pm_factory(), target)) or 'none'}",
+                    f"options: {'; '.join(o.describe() for o in options) or 'none'}"]
+
+        list_entries(PLUGINS, "plugin", describe)
 
     def lister(group: str, kind: str) -> Callable[[], None]:
         @debug_option
@@ -321,31 +334,18 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
 
         A dataset names its task; 'trainer run --task NAME' picks another.
         """
+        from trainer_core.errors import PluginError
         from trainer_core.options import options_of
         from trainer_core.task import Task
 
-        registry = Registry(TASKS)
-        if not registry.names():
-            click.echo("no tasks installed")
-        for entries in registry.entries():
-            entry = entries[0]
-            click.echo(f"{entry.name}  ({entry.distribution})  {entry.value}")
-            if len(entries) > 1:
-                click.echo(f"    error: {conflict_message(entries)}")
-                continue
-            try:
-                target = entry.load()
-            except TrainerError as exc:
-                click.echo(f"    error: {exc}")
-                continue
+        def describe(entry: Entry) -> list[str]:
+            target = entry.load()
             if not (inspect.isclass(target) and issubclass(target, Task)):
-                click.echo(f"    error: {entry.value} is not a trainer_core.Task subclass")
-                continue
-            summary = (inspect.getdoc(target) or "").split("\n\n")[0].replace("\n", " ")
-            if summary:
-                click.echo(f"    {summary}")
-            click.echo(f"    metrics: {', '.join(target.modes)} (headline: {target.headline})")
-            click.echo(f"    options: {'; '.join(o.describe() for o in options_of(target)) or 'none'}")
+                raise PluginError(f"{entry.value} is not a trainer_core.Task subclass")
+            return [*summary_of(target), f"metrics: {', '.join(target.modes)} (headline: {target.headline})",
+                    f"options: {'; '.join(o.describe() for o in options_of(target)) or 'none'}"]
+
+        list_entries(TASKS, "task", describe)
 
     cli.command("models")(lister(MODELS, "model"))
     cli.command("datasets")(lister(DATASETS, "dataset"))

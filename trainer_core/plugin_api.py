@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer_core.runtime import rng_state
-
 if TYPE_CHECKING:
     import pluggy
     import torch
@@ -100,8 +98,3 @@ class PluginAPI:
     def barrier(self) -> None:
         """Wait until every rank gets here (nothing in one process)."""
         self.strategy.barrier()
-
-    def rank_random_states(self) -> list[dict[str, object]]:
-        """Every rank's random state, in rank order, for :meth:`checkpoint_state`.
-        In a run of several processes every rank must call it (it gathers)."""
-        return self.strategy.gather(rng_state())

@@ -143,7 +143,10 @@ def load_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
 
 
 def check_fit(task: Task, data: DataBundle, dataset: str) -> None:
-    """Refuse, in one line, a dataset whose targets do not fit ``task``."""
+    """Refuse, in one line, a dataset whose targets do not fit ``task``, or with an empty split."""
+    for split in ("train", "val"):
+        if len(getattr(data, split)) == 0:
+            raise UsageError(f"the dataset's {split} split is empty")
     try:
         task.check(data)
     except ValueError as exc:

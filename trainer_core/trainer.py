@@ -11,25 +11,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import pluggy
 import torch
 from torch import nn
 
-from trainer_core import distributed, snapshot
-from trainer_core.checkpointing import save_checkpoint
+from trainer_core import distributed
 from trainer_core.config import RunConfig
 from trainer_core.data import Batches, DataBundle
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.lossmeter import LossMeter
-from trainer_core.plugin_api import PluginAPI
 from trainer_core.pluginmanager import (blame_plugin, call_each_guarded, direct_caller, hook_names, make_plugin_manager,
                                         merge_collected, register)
 from trainer_core.rundir import RunDir
 from trainer_core.runtime import select_device
 from trainer_core.signals import StopOnSignal
+from trainer_core.snapshot import Checkpoints
 from trainer_core.state import TrainState
 from trainer_core.stepping import OPTIMIZERS, Stepper, autocast_for
 from trainer_core.strategy import make_strategy
@@ -39,7 +37,7 @@ from trainer_core.task import Task, check_fit, load_task, task_name
 log = logging.getLogger("trainer_core")
 
 
-class Trainer(PluginAPI):
+class Trainer(Checkpoints):
     """Runs one training job and tells its plugins about every step of it.
 
     :param model: the network to train.
@@ -64,11 +62,8 @@ class Trainer(PluginAPI):
             register(self.pm, name, plugin)
         # Under torchrun: join the process group (if the caller has not) and take this rank's device.
         self.device = distributed.init_for_library(select_device(c.device))
-        for split in ("train", "val"):
-            if len(getattr(data, split)) == 0:
-                raise UsageError(f"the dataset's {split} split is empty")
         self.task = task or load_task(task_name(c.task, data), c.task_options)
-        check_fit(self.task, data, c.dataset)
+        check_fit(self.task, data, c.dataset)  # (an empty split too)
         self.task.setup(data, self.device)
         self.model = model.to(self.device, memory_format=torch.channels_last) if c.channels_last else model.to(self.device)
         self.data, self.run_dir, self.resume = data, run_dir, resume
@@ -90,31 +85,6 @@ class Trainer(PluginAPI):
         self.signals = StopOnSignal(self.request_stop)
         #: ``True`` silences :meth:`echo` (``trainer run -q``).
         self.quiet = False
-
-    # -- checkpoints ---------------------------------------------------------
-
-    def checkpoint_state(self, rank_random_states: list[dict[str, object]] | None = None) -> dict[str, Any]:
-        """Everything the run's future depends on, keyed for :meth:`load_checkpoint_state`.
-
-        :param rank_random_states: :meth:`rank_random_states`, so that every rank of a resumed
-            run of as many processes continues its own random stream; without it, ranks
-            other than zero start fresh streams on resume."""
-        return snapshot.capture(self, rank_random_states)
-
-    def save_checkpoint(self, path: Path) -> None:
-        """Write :meth:`checkpoint_state` to ``path`` atomically.  In a run of several
-        processes every rank calls it: rank zero writes, and all wait until it is complete."""
-        rank_states = self.rank_random_states() if self.distributed else None
-        if self.is_main:
-            save_checkpoint(path, self.checkpoint_state(rank_states))
-        self.barrier()
-
-    def load_checkpoint_state(self, payload: Mapping[str, Any]) -> None:
-        """Restore model, task, optimizer, progress, RNG and plugin state from a checkpoint."""
-        snapshot.restore(self, payload)
-        if self.losses.pending and self.state.batch_idx % self.config.log_every_n_steps == 0:
-            # Saved in on_batch_end of a logging step, before its log: emit that log now, as the first run did.
-            self._log_interval()
 
     # -- the loop ------------------------------------------------------------
 
@@ -156,6 +126,8 @@ class Trainer(PluginAPI):
         if self.resume is not None:
             self.load_checkpoint_state(self.resume)
             self.resume = None  # restored: no second copy of the weights and optimizer state for the whole run
+            if self.losses.pending and self.state.batch_idx % self.config.log_every_n_steps == 0:
+                self._log_interval()  # saved in on_batch_end of a logging step, before its log: emit it, as the first run did
             if self.run_dir is not None and self.is_main:
                 self.run_dir.truncate_metrics(self.state.step)
         while not self.state.should_stop and self._next_epoch():
