@@ -47,7 +47,8 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from trainer_core.trainer import Trainer
+    # What a hook's ``trainer`` offers plugins (the Trainer is one): the contract needs no loop.
+    from trainer_core.plugin_api import PluginAPI as Trainer
 
 PROJECT = "trainer"
 

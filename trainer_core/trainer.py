@@ -8,7 +8,6 @@ events it emits (:mod:`trainer_core.hookspecs` has the contract and the order).
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Any, Mapping
@@ -33,8 +32,6 @@ from trainer_core.stepping import OPTIMIZERS, Stepper, autocast_for
 from trainer_core.strategy import make_strategy
 from trainer_core.summary import run_summary
 from trainer_core.task import Task, check_fit, load_task, task_name
-
-log = logging.getLogger("trainer_core")
 
 
 class Trainer(Checkpoints):
