@@ -580,6 +580,8 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         names = [str(c) for c in data.classes]
         if task.name == "language-model":
             labels = list(inputs)
+            if not all(labels):
+                raise UsageError("a prompt is empty; give the text whose next token to predict")
             rows = [predictions(trained, torch.tensor([encode_prompt(text, data)[-data.input_shape[0]:]]), device)[0]
                     for text in labels]
         else:
