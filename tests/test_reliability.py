@@ -606,7 +606,7 @@ def test_command_line_mistakes_outside_run_are_one_line_too() -> None:
     code, output = cli("rnu")
     assert (code, one_line(output)) == (2, "error: No such command 'rnu'. Did you mean 'run'? (see 'cli --help')")
     code, output = cli("predict", "--checkpoint", "x.pt")
-    assert (code, one_line(output)) == (2, "error: Missing argument 'IMAGES...'. (see 'cli predict --help')")
+    assert (code, one_line(output)) == (2, "error: Missing argument 'INPUTS...'. (see 'cli predict --help')")
 
 
 @pytest.fixture(scope="module")
