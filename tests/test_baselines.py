@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from plugins.datasets import pydoc_chars
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def baselines() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("baselines", ROOT / "benchmarks" / "baselines.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_diabetes_linear_regression_explains_some_of_the_variance(baselines: ModuleType) -> None:
     r2 = baselines.diabetes_linear_r2()

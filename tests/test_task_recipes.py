@@ -5,7 +5,6 @@ prints its table from real runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -24,15 +23,6 @@ from trainer_core.recipes import find_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-
-
-@pytest.fixture(scope="module")
-def baselines() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("baselines", ROOT / "benchmarks" / "baselines.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_recipe(name: str, run_dir: Path, *extra: str) -> dict[str, Any]:
