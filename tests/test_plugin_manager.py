@@ -1,5 +1,8 @@
 """Loading plugins from entry points, and every way a plugin can be wrong."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from trainer_core import PluginError, UsageError, hookimpl, make_plugin_manager
@@ -216,3 +219,13 @@ def test_direct_caller_leaves_wrappers_to_pluggy():
     direct_caller(pm, "on_batch_end")(trainer=None, batch_idx=1, inputs=None, targets=None, outputs=None,
                                       loss=None, optimizer_stepped=True)
     assert seen == [("before", 1), ("plain", 1), ("after", 1)]
+
+
+def test_built_ins_import_only_the_public_api() -> None:
+    # What the built-ins need, third-party authors need too: `from trainer_core import ...` only.
+    root = Path(__file__).resolve().parent.parent / "plugins"
+    private = [f"{path.relative_to(root.parent)}:{number}: {line.strip()}"
+               for path in sorted(root.rglob("*.py"))
+               for number, line in enumerate(path.read_text().splitlines(), 1)
+               if re.match(r"\s*(from trainer_core\.\w+ import|import trainer_core\.)", line)]
+    assert private == []

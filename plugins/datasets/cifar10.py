@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from plugins.datasets.downloads import torchvision_download
-from trainer_core.data import DataBundle, TensorSplit
-from trainer_core.errors import UsageError
+from trainer_core import DataBundle, TensorSplit, UsageError
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))

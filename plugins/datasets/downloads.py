@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer_core.errors import UsageError
+from trainer_core import UsageError
 
 
 def torchvision_download(dataset_class: str, root: Path, name: str, remedy: str) -> None:

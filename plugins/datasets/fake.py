@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer_core.data import DataBundle, TensorSplit
+from trainer_core import DataBundle, TensorSplit
 
 
 def load(

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from trainer_core.data import DataBundle, TensorSplit
+from trainer_core import DataBundle, TensorSplit
 
 # Label frequencies run evenly from the first to the last label, so some labels are rare.
 MOST_FREQUENT, LEAST_FREQUENT = 0.6, 0.15

@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from trainer_core.data import DataBundle
-from trainer_core.errors import UsageError
+from trainer_core import DataBundle, UsageError
 
 if TYPE_CHECKING:
     from torchvision.datasets import ImageFolder

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from plugins.datasets.downloads import torchvision_download
-from trainer_core.data import DataBundle, TensorSplit
-from trainer_core.errors import UsageError
+from trainer_core import DataBundle, TensorSplit, UsageError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",

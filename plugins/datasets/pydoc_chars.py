@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from trainer_core.data import DataBundle, TensorSplit
+from trainer_core import DataBundle, TensorSplit
 
 
 def corpus_text() -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer_core.data import DataBundle, TensorSplit
+from trainer_core import DataBundle, TensorSplit
 
 
 def _check_fraction(val_fraction: float) -> None:

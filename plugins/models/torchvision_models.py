@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from plugins.models.weights import load_into
-from trainer_core.errors import UsageError
-from trainer_core.suggest import did_you_mean
+from trainer_core import UsageError, did_you_mean
 
 
 def build(input_shape: tuple[int, ...], num_classes: int, arch: str, weights: str | None = None) -> nn.Module:

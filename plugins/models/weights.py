@@ -10,8 +10,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from trainer_core.checkpointing import CHECKPOINT_FOLDER, find_checkpoint, load_weights
-from trainer_core.errors import UsageError
+from trainer_core import CHECKPOINT_FOLDER, UsageError, find_checkpoint, load_weights
 
 log = logging.getLogger("trainer_core")
 
