@@ -78,8 +78,9 @@ class Regression(Task):
                                  "set -o task.standardize=false")
             values = targets.double().reshape(len(targets), -1)
             std = values.std(0) if len(values) > 1 else values.new_ones(values.shape[1])
-            self.load_state_dict({"mean": values.mean(0).tolist(), "std": std.clamp(min=1e-12).tolist()})
-        self.load_state_dict(self.state_dict())  # (onto the device)
+            self.mean, self.std = values.mean(0).float(), std.clamp(min=1e-12).float()
+        if self.mean is not None and self.std is not None:  # computed here, or loaded from a checkpoint
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
 
     def _scaled(self, targets: torch.Tensor) -> torch.Tensor:
         return (targets - self.mean) / self.std if self.mean is not None else targets
