@@ -353,7 +353,8 @@ def test_shell_completion_is_offered_by_click() -> None:
 def test_export_refuses_a_file_that_does_not_reproduce_the_model(trained: dict, tmp_path: Path) -> None:
     from torch import nn
 
-    from trainer_core.commands import Trained, export_model
+    from trainer_core.exporting import export_model
+    from trainer_core.trained import Trained
     from trainer_core.errors import UsageError
 
     class BatchDependent(nn.Module):

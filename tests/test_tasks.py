@@ -200,7 +200,8 @@ def test_each_task_trains_resumes_evaluates_predicts_and_exports(task: str, tmp_
     code, output = invoke("export", "--checkpoint", straight, "--format", "exported-program", "--output", exported)
     assert code == 0 and f"task {task}" in output, output
     program = torch.export.load(str(exported)).module()
-    from trainer_core.commands import example_inputs, exportable, load_trained
+    from trainer_core.exporting import example_inputs, exportable
+    from trainer_core.trained import load_trained
 
     trained = load_trained(straight)
     batch = example_inputs(trained.data, 5)
