@@ -8,7 +8,9 @@ Issue 5's GPU measurements, in samples per second of training:
           same training written by hand (the baseline: what the host allows),
           then through the trainer eager, compiled (``compile=True``;
           compilation time reported apart) and compiled with
-          ``compile_mode="reduce-overhead"`` (CUDA graphs);
+          ``compile_mode="reduce-overhead"`` (CUDA graphs), and with
+          ``cuda_graph=True`` (the whole step replayed from CUDA graphs,
+          compared with the same step captured by hand as one graph);
   cnn-more  the seed CNN with cudnn.benchmark, with bf16 + channels-last, compiled
           with CUDA graphs and cudnn.benchmark, and eager at batch 2048 (what
           else moves its rate);
@@ -65,6 +67,7 @@ from trainer_core.trainer import Trainer
 
 CNN_TARGET = 1_000_000  # samples/s, eager, H100-class card (issue 5)
 RESNET_TARGET = 2.0  # bf16 + channels-last over fp32 (issue 5)
+GRAPH_TARGET = 0.90  # the trainer's whole-step graph mode over the one-graph step by hand (issue 17)
 SYNC_WARNING = "synchronizing CUDA operation"  # what PyTorch's sync debug mode warns
 
 
@@ -83,6 +86,7 @@ class Case:
     compile: bool = False
     compile_mode: str = "default"
     cudnn_benchmark: bool = False
+    cuda_graph: bool = False
     hand_written: bool = False  # the seed's loop instead of the trainer
 
 
@@ -190,9 +194,10 @@ def run_hand_written(case: Case, device: torch.device, timed_epochs: int) -> Res
                   seconds[0], None, peak, None)
 
 
-def launch_report(device: torch.device) -> None:
+def launch_report(device: torch.device) -> float | None:
     """How fast this host launches kernels, and how many one seed-CNN step launches:
-    their product is the least time such a step can take however fast the GPU."""
+    their product is the least time such a step can take however fast the GPU.
+    Returns the samples/s of that step replayed from one CUDA graph (``None`` if it failed)."""
     x = torch.zeros(1, device=device)
     for _ in range(100):
         x.add_(1)
@@ -219,10 +224,10 @@ def launch_report(device: torch.device) -> None:
         kernels, gpu_us = len(on_gpu), sum(event.time_range.elapsed_us() for event in on_gpu)
     except Exception as exc:  # a diagnostic: the profiler may be unavailable in a sandbox
         print(f"kernel launch: {launch_us:.1f} us per small kernel (counting a step's kernels failed: {exc})")
-        return
+        return None
     if not kernels or not gpu_us:
         print(f"kernel launch: {launch_us:.1f} us per small kernel (the profiler saw no kernels)")
-        return
+        return None
     print(f"kernel launch: {launch_us:.1f} us per small kernel; one seed CNN step (batch 512, written by hand) runs "
           f"{kernels} kernels and copies: at least {kernels * launch_us / 1000:.2f} ms a step, at most "
           f"{case.batch / (kernels * launch_us) * 1e6:,.0f} samples/s on this host, however fast the GPU; they run "
@@ -232,9 +237,10 @@ def launch_report(device: torch.device) -> None:
         rate = whole_step_graph_rate(step, case, device)
     except Exception as exc:  # a diagnostic, like the count above
         print(f"whole-step CUDA graph: failed ({type(exc).__name__}: {exc})")
-        return
+        return None
     print(f"the same step captured whole in one CUDA graph and replayed (by hand, no trainer): {rate:,.0f} samples/s: "
           "what this GPU does when the host launches next to nothing", flush=True)
+    return rate
 
 
 def whole_step_graph_rate(step: Callable[[torch.Tensor], None], case: Case, device: torch.device) -> float:
@@ -272,7 +278,7 @@ def run_case(case: Case, device: torch.device, timed_epochs: int, audit: bool) -
     config = RunConfig(epochs=1 + timed_epochs + audit, batch_size=case.batch, lr=1e-3, optimizer="sgd",
                        momentum=0.9, seed=0, device=str(device), precision=case.precision,  # type: ignore[arg-type]
                        channels_last=case.channels_last, compile=case.compile, compile_mode=case.compile_mode,  # type: ignore[arg-type]
-                       plugins={})
+                       cuda_graph=case.cuda_graph, plugins={})
     clock = EpochClock(device, audit_epoch)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -292,6 +298,8 @@ def run_case(case: Case, device: torch.device, timed_epochs: int, audit: bool) -
     for warning in caught:  # the others are not ours to swallow
         if SYNC_WARNING not in str(warning.message):
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if case.cuda_graph and not (trainer.graph_step is not None and trainer.graph_step.replaying):
+        print(f"  ({case.name}: ran eager, as the cuda-graph warning says)", flush=True)
     syncs = None
     if audit and clock.audit_error is not None:
         print(f"  (sync audit failed: {clock.audit_error})", flush=True)
@@ -348,7 +356,8 @@ def cases(args: argparse.Namespace) -> dict[str, list[Case]]:
     res_batch, res_steps = (4, 1) if quick else (256, args.resnet_steps)
     seed_cnn = Case(f"seed CNN 3x32x32, batch {cnn_batch}, eager", build_convnet, cnn_shape, 10, cnn_batch, cnn_steps)
     cnn = [dataclasses.replace(seed_cnn, name=f"seed CNN 3x32x32, batch {cnn_batch}, written by hand", hand_written=True),
-           seed_cnn]
+           seed_cnn,
+           dataclasses.replace(seed_cnn, name=f"seed CNN 3x32x32, batch {cnn_batch}, whole-step CUDA graph", cuda_graph=True)]
     if not quick or args.compile_too:
         cnn += [dataclasses.replace(seed_cnn, name=f"seed CNN 3x32x32, batch {cnn_batch}, compiled", compile=True),
                 dataclasses.replace(seed_cnn, name=f"seed CNN 3x32x32, batch {cnn_batch}, compiled, reduce-overhead",
@@ -418,8 +427,7 @@ def main() -> None:
         print("QUICK MODE: tiny sizes to check the script; the numbers mean nothing"
               + ("" if args.compile_too else "; compilation skipped (--compile-too runs it)"))
     print(flush=True)
-    if device.type == "cuda" and "cnn" in wanted:
-        launch_report(device)
+    one_graph = launch_report(device) if device.type == "cuda" and "cnn" in wanted else None
     results: dict[str, Result] = {}
     failed = []
     for group in wanted:
@@ -447,6 +455,10 @@ def main() -> None:
         for case, result in zip(all_cases["cnn"][2:], compiled):
             if result is not None:
                 print(f"{case.name} / eager: {result.median / eager.median:.2f}x ({result.median:,.0f} samples/s)")
+    graphed = results.get(all_cases["cnn"][2].name) if "cnn" in wanted else None
+    if graphed is not None and one_graph is not None:
+        print(f"seed CNN whole-step CUDA graph through the trainer / the step captured by hand as one graph: "
+              f"{graphed.median / one_graph:.3f} (target >= {GRAPH_TARGET:.2f}; both in this run, on this card)")
     resnet = [results.get(case.name) for case in all_cases["resnet"]] if "resnet" in wanted else []
     for fp32, mixed, how in zip(resnet[0::2], resnet[1::2], ["", ", both with cudnn.benchmark"]):
         if fp32 is not None and mixed is not None:

@@ -18,6 +18,7 @@ RATE = re.compile(r"^(?P<case>[^:\n]+): (?P<rate>[\d,]+) samples/s  \[", re.MULT
 QUICK_CASES = [
     "seed CNN 3x32x32, batch 16, written by hand",
     "seed CNN 3x32x32, batch 16, eager",
+    "seed CNN 3x32x32, batch 16, whole-step CUDA graph",
     "ResNet-18 3x32x32, batch 4, fp32",
     "ResNet-18 3x32x32, batch 4, bf16 + channels-last",
 ]
@@ -36,6 +37,9 @@ def test_throughput_quick_reports_every_case_on_the_cpu() -> None:
     assert "device cpu" in out and "synthetic random uint8 images" in out and "QUICK MODE" in out
     found = rates(out)
     assert list(found) == QUICK_CASES  # compilation is skipped without --compile-too
+    # The graph case runs, eager on a CPU, and says so.
+    assert "cuda-graph: the device is cpu, not a CUDA GPU; running eager" in done.stderr
+    assert "(seed CNN 3x32x32, batch 16, whole-step CUDA graph: ran eager, as the cuda-graph warning says)" in out
     assert all(math.isfinite(rate) and rate > 0 for rate in found.values()), found
     ratio = re.search(r"^ResNet-18 bf16 \+ channels-last / fp32: ([\d.]+)x", out, re.MULTILINE)
     assert ratio is not None and float(ratio[1]) > 0

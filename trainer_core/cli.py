@@ -177,6 +177,9 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
                   help="With --compile: torch.compile's mode; reduce-overhead replays CUDA graphs, "
                        "for small models whose GPU steps wait on kernel launches.  [default: default]")
+    @click.option("--cuda-graph", is_flag=True, default=None,
+                  help="Replay each training step (batch draw, forward, loss, backward, optimizer step) from CUDA graphs, "
+                       "for small models whose GPU waits on the host; runs eager, saying why, where it cannot.")
     @click.option("--accumulate-grad-batches", type=int, help="Batches whose gradients add up before one optimizer step.  [default: 1]")
     @click.option("--clip-grad-norm", type=float, help="Clip the gradients' total norm to this value.")
     @click.option("--nonfinite", type=click.Choice(["stop", "skip"]),

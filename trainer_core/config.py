@@ -44,6 +44,7 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    cuda_graph: bool = False
     accumulate_grad_batches: int = 1
     clip_grad_norm: float | None = None
     nonfinite: Literal["stop", "skip"] = "stop"

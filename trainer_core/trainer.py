@@ -20,6 +20,7 @@ from trainer_core import distributed
 from trainer_core.config import RunConfig
 from trainer_core.data import Batches, DataBundle
 from trainer_core.errors import TrainerError, UsageError
+from trainer_core.graphstep import GraphStep, graph_step_for
 from trainer_core.lossmeter import LossMeter
 from trainer_core.pluginmanager import (blame_plugin, call_each_guarded, direct_caller, hook_names, make_plugin_manager,
                                         merge_collected, register)
@@ -66,6 +67,7 @@ class Trainer(Checkpoints):
         self.data, self.run_dir, self.resume = data, run_dir, resume
         self.optimizer: torch.optim.Optimizer | None = None
         self.stepper: Stepper | None = None
+        self.graph_step: GraphStep | None = None  # the steps replayed from CUDA graphs (cuda_graph), or None: eager
         self.state, self.losses = TrainState(), LossMeter()
         self.strategy = make_strategy(self.device, self._compiled if c.compile else None)
         self.rank, self.world_size, self.distributed = self.strategy.rank, self.strategy.world_size, self.strategy.distributed
@@ -119,6 +121,7 @@ class Trainer(Checkpoints):
         syncing = self.strategy.gradient_sync(self.config.accumulate_grad_batches)  # (see _train_epoch)
         self.stepper = Stepper(self.config, self.device, self.optimizer, self._hot["on_before_optimizer_step"],
                                (lambda: self.strategy.average_gradients(self.model)) if syncing else None)
+        self.graph_step = self.graph_step or graph_step_for(self)
         self._emit("on_fit_start", trainer=self)
         if self.resume is not None:
             self.load_checkpoint_state(self.resume)
@@ -167,18 +170,22 @@ class Trainer(Checkpoints):
         # past its step (tensorboard's training accuracy): hand it a copy then.
         graphed = self.config.compile and self.config.compile_mode == "reduce-overhead"
         kept = (lambda outputs: outputs.detach().clone()) if graphed else torch.Tensor.detach
-        started = time.perf_counter()
-        for batch_idx, (inputs, targets) in enumerate(self.train_batches.iterate(state.epoch, first, self._stopped_by_signal), first):
+        started, graph = time.perf_counter(), self.graph_step
+        batches = graph.batches(state.epoch, first) if graph else self.train_batches.iterate(state.epoch, first, self._stopped_by_signal)
+        for batch_idx, (inputs, targets) in enumerate(batches, first):
             if batch_start:
                 batch_start(trainer=self, batch_idx=batch_idx, inputs=inputs, targets=targets)
             if syncing:
                 syncing(stepper.will_step(batch_idx == last))
-            with self.autocast():
-                outputs = model(inputs)
-                loss = task.loss(outputs, targets)
-            if before_backward:
-                before_backward(trainer=self, loss=loss)
-            counted = stepper.backward_and_step(loss if batch_idx != uneven else loss * scale, batch_idx == last, self)
+            if graph:  # the whole step replayed (graphstep.py); what plugins may keep comes back copied
+                inputs, targets, outputs, loss, counted = graph.step(inputs, targets)
+            else:
+                with self.autocast():
+                    outputs = model(inputs)
+                    loss = task.loss(outputs, targets)
+                if before_backward:
+                    before_backward(trainer=self, loss=loss)
+                counted = stepper.backward_and_step(loss if batch_idx != uneven else loss * scale, batch_idx == last, self)
             state.step += 1
             state.batch_idx = batch_idx + 1
             loss = loss.detach()
