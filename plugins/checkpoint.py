@@ -9,12 +9,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from trainer_core import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, UsageError, check_monitor, hookimpl, load_checkpoint,
-                          metric_mode, resolve_monitor, save_checkpoint, unused_hooks)
+from trainer_core import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, UsageError, check_monitor, hookimpl, metric_mode,
+                          remove_checkpoint, resolve_monitor, unused_hooks)
 
 if TYPE_CHECKING:
-    import torch
-
     from trainer_core import Trainer
 
 log = logging.getLogger("trainer_core.checkpoint")
@@ -118,11 +116,7 @@ class Checkpoint:
         if self.restore_best and self.kept and self.folder is not None:
             best = self.kept[0]
             path = self.folder / best["file"]
-            # Only rank zero writes (and surely has) the file; the other ranks get its weights.
-            if trainer.is_main:
-                trainer.model.load_state_dict(load_checkpoint(path)["model"])
-            if trainer.world_size > 1:
-                _broadcast_from_rank_zero(trainer.model)
+            trainer.restore_weights(path)
             trainer.echo(f"checkpoint: restored the best weights ({self.monitor} {best['score']:.4f}, "
                          f"epoch {best['epoch']}) from {path}")
 
@@ -141,12 +135,7 @@ class Checkpoint:
     def _save(self, trainer: Trainer, best: float | None) -> None:
         """Write ``last.pt`` (and a best checkpoint when ``best`` is its score); drop evicted best files."""
         assert self.folder is not None
-        import torch
-
-        weights = [t for t in trainer.model.state_dict().values() if t.is_floating_point()]
-        finite = torch.stack([torch.isfinite(t).all() for t in weights]).all() if weights else torch.tensor(True)
-        # Decided alike on every rank (batch-norm statistics differ between ranks): the ranks then gather together.
-        if not bool(trainer.all_reduce(finite.to(torch.int32).reshape(1), "min")):
+        if not trainer.weights_finite():
             log.warning("checkpoint: the weights hold NaN or infinity at step %d; not saving over the previous checkpoints",
                         trainer.state.step)
             return
@@ -167,14 +156,10 @@ class Checkpoint:
             self.kept = kept  # before the state is taken, so the files record themselves
             files.insert(0, name)
         self._saved_step, self._due = state.step, False
-        rank_states = trainer.rank_random_states() if trainer.distributed else None  # every rank takes part
-        if not trainer.is_main:
-            return
-        payload = trainer.checkpoint_state(rank_states)
-        for name in files:
-            save_checkpoint(self.folder / name, payload)
-        for name in evicted:
-            (self.folder / name).unlink(missing_ok=True)
+        trainer.save_checkpoint(*(self.folder / name for name in files))  # (every rank takes part)
+        if trainer.is_main:
+            for name in evicted:
+                remove_checkpoint(self.folder / name)
 
     # -- state ---------------------------------------------------------------
 
@@ -195,10 +180,3 @@ class Checkpoint:
         # Files deleted by hand (or a resume into another folder) are not ranked against.
         self.kept = [k for k in state["kept"] if (self.folder / k["file"]).is_file()]
 
-
-def _broadcast_from_rank_zero(model: torch.nn.Module) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)

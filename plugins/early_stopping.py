@@ -90,7 +90,7 @@ class EarlyStopping:
         if self.improved(value):
             self.best, self.best_epoch, self.wait = value, trainer.state.epoch, 0
             if self.restore_best_weights:
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model_weights().items()}
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -107,7 +107,7 @@ class EarlyStopping:
         if self.best_weights is None:  # resumed from a checkpoint saved without restore_best_weights
             trainer.echo(f"early-stopping: the weights of epoch {self.best_epoch} were not saved; keeping the final weights")
             return
-        trainer.model.load_state_dict(self.best_weights)
+        trainer.load_model_weights(self.best_weights)
         trainer.echo(f"early-stopping: restored the weights of epoch {self.best_epoch} ({self.monitor} {self.best:.6g})")
 
     @hookimpl

@@ -222,13 +222,10 @@ class TensorBoard:
         # on_batch_end, the weights they produce are tagged with it.
         step = trainer.state.step + 1
         previous, self._last_update = self._last_update, step
-        if not trainer.is_main or not self._histograms_due(trainer, step, previous):
+        if not self._histograms_due(trainer, step, previous):
             return
         self._histogram_step = step
-        writer = self._writer(trainer)
-        for name, param in trainer.model.named_parameters():
-            if param.grad is not None:
-                writer.add_histogram(f"grads/{name}", param.grad.detach(), step)
+        self._histograms(trainer, "grads", {name: p.grad for name, p in trainer.model.named_parameters() if p.grad is not None})
 
     @hookimpl
     def on_batch_end(self, trainer: Trainer, targets: torch.Tensor, outputs: torch.Tensor) -> None:
@@ -237,10 +234,15 @@ class TensorBoard:
             if outputs.numel() > PENDING_LOGITS:  # big logits: count now rather than hold many of them
                 self._count_pending()
         if self._histogram_step is not None:
-            writer = self._writer(trainer)
-            for name, param in trainer.model.named_parameters():
-                writer.add_histogram(f"weights/{name}", param.detach(), self._histogram_step)
+            self._histograms(trainer, "weights", dict(trainer.model.named_parameters()))
             self._histogram_step = None
+
+    def _histograms(self, trainer: Trainer, kind: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        # Every rank takes part: a sharded model's whole tensors are gathered from all of them.
+        for name, tensor in tensors.items():
+            whole = trainer.full_tensor(tensor.detach())
+            if trainer.is_main:
+                self._writer(trainer).add_histogram(f"{kind}/{name}", whole, self._histogram_step)
 
     def _log_examples(self, trainer: Trainer, inputs: torch.Tensor) -> None:
         """The image grid and the graph, from a validation batch: the seed took its examples from
@@ -251,7 +253,10 @@ class TensorBoard:
         writer = self._writer(trainer)
         if self.images:
             self._log_images(trainer, writer, inputs[: self.images])
-        if self.graph:
+        if self.graph and trainer.strategy.shards_parameters:
+            log.warning("tensorboard: no model graph under --strategy fsdp (tracing runs the model on rank zero alone, "
+                        "and a sharded model runs on every rank together)")
+        elif self.graph:
             self._log_graph(trainer, writer, inputs[:1])
 
     def _count_pending(self) -> None:

@@ -33,6 +33,8 @@ _LAZY = {
     "load_weights": "trainer_core.checkpointing",
     "load_checkpoint": "trainer_core.checkpointing",
     "save_checkpoint": "trainer_core.checkpointing",
+    "remove_checkpoint": "trainer_core.checkpointing",
+    "checkpoint_weights": "trainer_core.checkpointing",
     "find_checkpoint": "trainer_core.checkpointing",
     "newest_checkpoint": "trainer_core.checkpointing",
     "CHECKPOINT_FOLDER": "trainer_core.checkpointing",
@@ -48,8 +50,8 @@ __all__ = ["PluginError", "TrainerError", "UsageError", "hookimpl", "hookspec", 
            "unused_hooks", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
-    from trainer_core.checkpointing import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, find_checkpoint, load_checkpoint, load_weights,
-                                            newest_checkpoint, save_checkpoint)
+    from trainer_core.checkpointing import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, checkpoint_weights, find_checkpoint,
+                                            load_checkpoint, load_weights, newest_checkpoint, remove_checkpoint, save_checkpoint)
     from trainer_core.files import atomic_write_bytes
     from trainer_core.metrics import check_monitor, metric_keys, resolve_monitor
     from trainer_core.config import RunConfig

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
 
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.files import atomic_write_with
+from trainer_core.sharded import drop_stale_shards, read_model_shards, resolve_shards
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +89,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError(f"checkpoint {path} is damaged or not a checkpoint: {reason}") from None
     if not isinstance(payload, dict):
         raise UsageError(f"checkpoint {path} does not hold a checkpoint (found {type(payload).__name__})")
+    if payload.get("shards") is not None:  # a sharded model's: its weights are in a folder beside it
+        payload["shards"] = resolve_shards(path, payload["shards"])
     return payload
+
+
+def checkpoint_weights(payload: Mapping[str, Any], model: torch.nn.Module) -> Mapping[str, Any]:
+    """The model weights of a loaded checkpoint, keyed as ``model.state_dict()``: those it
+    holds, or those in its shards (a sharded run's), read as whole tensors in this process.
+    From shards, a weight whose shape differs from ``model``'s, or that ``model`` lacks,
+    is a data-less ``meta`` tensor of the saved shape (it cannot load, and says why)."""
+    if payload.get("shards") is None:
+        return payload["model"]
+    return read_model_shards(payload["shards"], model.state_dict())
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete checkpoint ``path`` and its shards, if it has any."""
+    path.unlink(missing_ok=True)
+    drop_stale_shards(path, keep=None)
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -143,7 +162,8 @@ def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> li
         where = "the given state dict"
     else:
         payload = load_checkpoint(Path(source))
-        weights = payload["model"] if isinstance(payload.get("model"), Mapping) else payload
+        is_ours = isinstance(payload.get("model"), Mapping) or payload.get("shards") is not None
+        weights = checkpoint_weights(payload, model) if is_ours else payload
         where = str(source)
     own = model.state_dict()
     usable = {k: v for k, v in weights.items() if k in own and getattr(v, "shape", None) == own[k].shape}

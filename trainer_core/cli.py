@@ -192,6 +192,9 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--nnodes", type=int, metavar="M", help="With --nproc-per-node: machines taking part.  [default: 1]")
     @click.option("--node-rank", type=int, metavar="R", help="With --nnodes: this machine's index, 0 to M-1 (or leave it to torchrun).")
     @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="With --nnodes: where the machines meet (an address of node 0).")
+    @click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp"]),
+                  help="How several processes share the model: ddp keeps a copy on each, fsdp shards it "
+                       "(FSDP2, for models larger than one device).  [default: auto, ddp]")
     @click.option("--backend", type=click.Choice(["gloo", "nccl"]),
                   help="torch.distributed backend of a multi-process run.  [default: nccl on CUDA, else gloo]")
     @click.option("--name", help="Run folder name under --runs-root.  [default: MODEL-DATASET-TIME]")

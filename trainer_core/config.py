@@ -49,6 +49,7 @@ class RunConfig:
     clip_grad_norm: float | None = None
     nonfinite: Literal["stop", "skip"] = "stop"
     num_workers: int | None = None
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     name: str | None = None
     run_dir: str | None = None
     runs_root: str = "runs"

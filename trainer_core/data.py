@@ -109,6 +109,9 @@ class Batches:
         evaluation: this rank batches its part of the split.
     :param input_dims: dimensions of one input (3 for images): ``mean`` and
         ``std`` apply along the first.
+    :param equal_steps: evaluation: every rank takes as many steps as the rank
+        with the largest part (its batches are then a little smaller), as a
+        sharded model needs: its forward pass is a collective.
 
     :ivar uneven: ``(step, loss_scale, samples)`` when this rank's part of the
         epoch's last, partial training batch is not its equal share, else
@@ -132,6 +135,7 @@ class Batches:
         rank: int = 0,
         world_size: int = 1,
         input_dims: int = 3,
+        equal_steps: bool = False,
     ) -> None:
         self.batch_size = batch_size
         self.device = device
@@ -149,8 +153,15 @@ class Batches:
                 self.positions = self._training_positions()
         else:
             self.first, self.stop = shard_bounds(self.size, rank, world_size)
-            self.steps = math.ceil((self.stop - self.first) / batch_size)
+            part = self.stop - self.first
+            self.steps = math.ceil((math.ceil(self.size / world_size) if equal_steps else part) / batch_size)
             self.share = batch_size
+            if equal_steps and self.size // world_size < self.steps:  # (the smallest part: every rank says so)
+                raise UsageError(f"the validation split ({self.size} samples) is too small to give each of {world_size} "
+                                 "processes a batch; use fewer processes or a larger split")
+            # Where each evaluation batch of this rank's part starts and ends.
+            self.bounds = ([self.first + part * k // self.steps for k in range(self.steps + 1)] if equal_steps
+                           else [*range(self.first, self.stop, batch_size), self.stop])
         self.loader: DataLoader | None = None
         if isinstance(split, TensorSplit):
             # Held on the training device once, so a batch is an index, not a copy from the host.
@@ -210,8 +221,7 @@ class Batches:
     def _from_tensors(self, tensors: TensorSplit, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = self.share
         if not self.shuffle:  # slices: views of the split, no copy
-            for first in range(self.first + start_batch * step, self.stop, step):
-                last = min(first + step, self.stop)
+            for first, last in zip(self.bounds[start_batch:], self.bounds[start_batch + 1:]):
                 yield self._normalise(tensors.inputs[first:last]), tensors.targets[first:last]
             return
         order = self.local_order(epoch).to(self.device)
@@ -287,7 +297,12 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.epoch, self.start = 0, 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        order, step = self.batches.local_order(self.epoch).tolist(), self.batches.share
+        batches = self.batches
+        if not batches.shuffle:
+            for first, last in zip(batches.bounds[self.start:], batches.bounds[self.start + 1:]):
+                yield list(range(first, last))
+            return
+        order, step = batches.local_order(self.epoch).tolist(), batches.share
         for first in range(self.start * step, len(order), step):
             yield order[first : first + step]
 

@@ -205,13 +205,13 @@ def all_reduce(tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
     return tensor
 
 
-def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Give every rank rank ``src``'s buffers of ``module`` (batch-norm statistics)."""
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Give every rank rank ``src``'s values of ``tensors``, in place."""
     import torch.distributed as dist
 
     if is_initialized():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src)
+        for tensor in tensors:
+            dist.broadcast(tensor, src)
 
 
 def broadcast_object(obj: P, src: int = 0) -> P:

@@ -24,6 +24,8 @@ from trainer_core.options import bind_options
 from trainer_core.pluginmanager import instantiate, make_plugin_manager, register
 from trainer_core.rundir import RunDir, default_run_path
 from trainer_core.runtime import seed_everything, select_device
+from trainer_core.sharded import check_layout
+from trainer_core.strategy import check_strategy
 from trainer_core.task import check_fit, load_task, task_name
 from trainer_core.trainer import Trainer
 
@@ -93,6 +95,7 @@ def build_run(
     pm = pm or make_plugin_manager()
     init_for_library(select_device(config.device))  # joins torchrun's process group, if launched by it
     check_config(config)
+    check_strategy(config)
     load_plugins(pm, config.plugins)
     data = load_dataset(config.dataset, config.dataset_options, config.data_root)
     task = load_task(task_name(config.task, data), config.task_options)
@@ -100,6 +103,8 @@ def build_run(
     config.task = task.name  # recorded, so eval, predict and export rebuild the same task
     seed_everything(config.seed)
     model = build_model(config.model, config.model_options, data, task.output_size(data))
+    if resume is not None:
+        check_layout(resume, config.strategy == "fsdp")
     if resume is not None and isinstance(resume.get("model"), Mapping):
         # Refused here, before the run folder (often the resumed run's own) is touched.
         try:

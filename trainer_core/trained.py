@@ -66,17 +66,17 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     :param dataset: use this dataset instead of the run's (its default options).
     :param data_root: read the dataset's files from here instead of the run's folder.
     """
-    from trainer_core.checkpointing import load_checkpoint
-    from trainer_core.config import RunConfig, apply_mapping, set_field
     import torch
 
-    from trainer_core.checkpointing import misfit_details
+    from trainer_core.checkpointing import checkpoint_weights, load_checkpoint, misfit_details
+    from trainer_core.config import RunConfig, apply_mapping, set_field
     from trainer_core.runner import build_model, load_dataset
     from trainer_core.task import check_fit, load_task, task_name
 
     path = resolve_checkpoint(path)
     payload = load_checkpoint(path)
-    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("model"), dict):
+    has_weights = isinstance(payload.get("model"), dict) or payload.get("shards") is not None
+    if not isinstance(payload.get("config"), dict) or not has_weights:
         raise UsageError(
             f"checkpoint {path} has no saved run config (is it a bare state dict?); "
             "use a checkpoint written by a trainer run"
@@ -96,12 +96,13 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     # not loading them spares the time and works where their file is absent.
     options = {k: v for k, v in config.model_options.items() if k != "weights"}
     model = build_model(config.model, options, data, task.output_size(data))
+    weights = checkpoint_weights(payload, model)
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(weights)
     except RuntimeError:
         outputs = f"{task.output_size(data)} {'classes' if task.name == 'classification' else 'outputs'}"
         raise UsageError(f"the weights in {path} do not fit model '{config.model}' built for dataset '{config.dataset}' "
-                         f"({outputs}): {misfit_details(model.state_dict(), payload['model'])}") from None
+                         f"({outputs}): {misfit_details(model.state_dict(), weights)}") from None
     model.eval()
     return Trained(path, payload, config, data, model, task)
 
@@ -226,7 +227,9 @@ def evaluate(trained: Trained, split: str, device: str, batch_size: int | None,
     classes = ClassAccuracy(table=False, matrix_file="") if trained.task.name == "classification" else None
     data = trained.data
     chosen = DataBundle(data.train, getattr(data, split), data.classes, data.input_shape, data.mean, data.std, data.task)
-    config = dataclasses.replace(trained.config, device=device, batch_size=batch_size or trained.config.batch_size, plugins={})
+    # In this one process, with the whole weights, whatever strategy trained them.
+    config = dataclasses.replace(trained.config, device=device, batch_size=batch_size or trained.config.batch_size, plugins={},
+                                 strategy="auto")
     trainer = Trainer(trained.model, chosen, config, task=trained.task, plugins={"class-accuracy": classes} if classes else {},
                       pm=pm)
     trainer.state.epoch = trained.epoch or 0

@@ -69,9 +69,9 @@ class Trainer(Checkpoints):
         self.stepper: Stepper | None = None
         self.graph_step: GraphStep | None = None  # the steps replayed from CUDA graphs (cuda_graph), or None: eager
         self.state, self.losses = TrainState(), LossMeter()
-        self.strategy = make_strategy(self.device, self._compiled if c.compile else None)
+        self.strategy = make_strategy(c, self.device, self._compiled if c.compile else None)
         self.rank, self.world_size, self.distributed = self.strategy.rank, self.strategy.world_size, self.strategy.distributed
-        self.strategy.join(c, self.pm)
+        self.strategy.join(c, self.pm, self.model)
         # What runs the forward pass: the model itself, or its compiled form (same parameters).
         self.forward_model: nn.Module = self._compiled(self.model) if c.compile else self.model
         self.train_forward = self.forward_model  # what training calls (the strategy's wrapper, if any)
@@ -79,7 +79,8 @@ class Trainer(Checkpoints):
         batching = dict(mean=data.mean, std=data.std, channels_last=c.channels_last, num_workers=c.num_workers,
                         rank=self.rank, world_size=self.world_size, input_dims=len(data.input_shape))
         self.train_batches = Batches(data.train, c.batch_size, self.device, shuffle=True, seed=c.seed, **batching)
-        self.val_batches = Batches(data.val, c.batch_size, self.device, shuffle=False, **batching)
+        self.val_batches = Batches(data.val, c.batch_size, self.device, shuffle=False,
+                                   equal_steps=self.strategy.shards_parameters, **batching)
         self._compiling = c.compile
         self.signals = StopOnSignal(self.request_stop)
         #: ``True`` silences :meth:`echo` (``trainer run -q``).

@@ -63,6 +63,12 @@ class TinyGPT(nn.Module):
         self.head.weight = self.token_embedding.weight
         self._init_weights(depth)
 
+    @property
+    def shard_blocks(self) -> list[nn.Module]:
+        """What ``--strategy fsdp`` gathers one at a time: the transformer blocks (the
+        embeddings, tied to the head, and the final norm stay with the root)."""
+        return list(self.blocks)
+
     def _init_weights(self, depth: int) -> None:
         """GPT-2's: normal(0, 0.02), and the projections that add to the residual
         stream scaled by 1/sqrt(2 * depth), so its variance does not grow with depth."""

@@ -1,0 +1,316 @@
+"""Sharded training (``--strategy fsdp``, FSDP2): real processes started by
+torchrun, gloo on the CPU.
+
+The slow tests share a few real runs of one job: 3 epochs with DDP and with
+FSDP in 2 processes, and resumes of the FSDP run's epoch-2 checkpoint in 2
+processes and in 1.  The job's validation split (33 samples in batches of 8)
+gives the two ranks parts of 17 and 16: 3 and 2 batches as DDP cuts them, so
+an FSDP evaluation that did not keep the ranks in step would hang (and fail
+on the timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tensorboard.backend.event_processing import event_accumulator
+from torch import nn
+
+from trainer_core.checkpointing import load_checkpoint, remove_checkpoint
+from trainer_core.cli import make_cli
+from trainer_core.data import Batches, TensorSplit
+from trainer_core.errors import UsageError
+from trainer_core.fsdp import shard_units
+from trainer_core.sharded import drop_stale_shards, resolve_shards, shards_root
+from trainer_core.testing import write_fake_distribution
+
+# Saves every rank's whole weights at the end (gathered from the shards under FSDP).
+PROBE = '''
+from pathlib import Path
+
+from trainer_core import hookimpl
+
+
+class Weights:
+    def __init__(self, out: str = "") -> None:
+        self.out = Path(out)
+
+    @hookimpl
+    def on_fit_end(self, trainer):
+        import torch
+
+        weights = {k: v.detach().cpu() for k, v in trainer.model_weights().items()}
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": weights, "strategy": trainer.strategy.name}, self.out / f"rank{trainer.rank}.pt")
+'''
+
+JOB = [
+    "--dataset", "fake", "-o", "dataset.train_size=91", "-o", "dataset.val_size=33", "-o", "dataset.num_classes=4",
+    "-o", "dataset.noise=2.0", "-o", "model.width=4", "-o", "model.dropout=0", "--batch-size", "8",
+    "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--log-every", "4", "--seed", "3", "--quiet",
+    "--plugins", "checkpoint", "-o", "checkpoint.restore_best=false", "-o", "checkpoint.monitor=val/loss",
+    "-o", "checkpoint.save_top_k=-1",
+    # Frozen features join training at epoch 3: a sharded parameter's requires_grad changes mid-run.
+    "--plugins", "freeze", "-o", "freeze.freeze=features", "-o", "freeze.unfreeze_at_epoch=3",
+    "--plugins", "tensorboard", "-o", "tensorboard.histogram_every_n_steps=12", "-o", "tensorboard.graph=false",
+]
+# DDP and FSDP reduce the same gradients in another order (all-reduce vs reduce-scatter):
+# float32 rounding, amplified over 36 SGD steps with momentum, stays far below this.
+RTOL = 1e-4
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = write_fake_distribution(tmp_path_factory.mktemp("site"), "fsdp-probe",
+                                     {"trainer.plugins": {"weights-probe": "fsdp_probe:Weights"}},
+                                     modules={"fsdp_probe": PROBE})
+    yield folder
+
+
+def launch(site: Path, nproc: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("TRAINER_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "trainer_core", "run", "--nproc-per-node", str(nproc), *args],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def probe(out: Path) -> list[str]:
+    return ["--plugins", "weights-probe", "-o", f"weights-probe.out={out}"]
+
+
+@pytest.fixture(scope="module")
+def runs(site: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    for name, strategy in (("ddp", "ddp"), ("fsdp", "fsdp")):
+        done = launch(site, 2, [*JOB, "--strategy", strategy, "--epochs", "3", "--run-dir", str(root / name),
+                                *probe(root / f"{name}-probe")])
+        assert done.returncode == 0, done.stderr
+    epoch2 = epoch_checkpoint(root / "fsdp", 2)
+    for name, nproc in (("fsdp-resumed-2", 2), ("fsdp-resumed-1", 1)):
+        done = launch(site, nproc, [*JOB, "--strategy", "fsdp", "--epochs", "3", "--resume", str(epoch2),
+                                    "--run-dir", str(root / name), *probe(root / f"{name}-probe")])
+        assert done.returncode == 0, done.stderr
+    return root
+
+
+def epoch_checkpoint(run: Path, epoch: int) -> Path:
+    [found] = (run / "checkpoints").glob(f"best-epoch{epoch:03d}-*.pt")
+    return found
+
+
+def history(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(runs: Path, name: str, rank: int = 0) -> dict[str, Any]:
+    return torch.load(runs / f"{name}-probe" / f"rank{rank}.pt", weights_only=True)
+
+
+def assert_close_metrics(a: list[dict[str, float]], b: list[dict[str, float]]) -> None:
+    assert [m.keys() for m in a] == [m.keys() for m in b]
+    for x, y in zip(a, b):
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=RTOL, abs=RTOL), key
+
+
+# -- real runs -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fsdp_trains_the_same_model_as_ddp(runs: Path) -> None:
+    assert_close_metrics(history(runs / "fsdp"), history(runs / "ddp"))
+    fsdp, ddp = weights(runs, "fsdp"), weights(runs, "ddp")
+    assert (fsdp["strategy"], ddp["strategy"]) == ("fsdp", "ddp")
+    assert fsdp["weights"].keys() == ddp["weights"].keys()
+    for key, value in fsdp["weights"].items():
+        torch.testing.assert_close(value, ddp["weights"][key], rtol=RTOL, atol=RTOL, msg=lambda m: f"{key}: {m}")
+    # Every rank gathered the same whole weights from the shards.
+    for key, value in weights(runs, "fsdp", 1)["weights"].items():
+        assert torch.equal(value, fsdp["weights"][key]), key
+
+
+@pytest.mark.slow
+def test_each_rank_writes_its_shards_beside_a_checkpoint_that_holds_no_weights(runs: Path) -> None:
+    last = runs / "fsdp" / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    assert payload["model"] is None and payload["optimizer"] is None
+    folder = payload["shards"]
+    assert folder.parent == shards_root(last)
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # One shards folder per checkpoint: the replaced ones were removed.
+    assert [p.name for p in shards_root(last).iterdir()] == [folder.name]
+    assert len(list((runs / "fsdp" / "checkpoints").glob("*.pt.shards"))) == 4  # last.pt and 3 best
+
+
+@pytest.mark.slow
+def test_a_resume_in_as_many_processes_continues_exactly(runs: Path) -> None:
+    assert history(runs / "fsdp-resumed-2") == history(runs / "fsdp")[2:]  # (a new run folder: epoch 3 alone)
+    resumed, straight = weights(runs, "fsdp-resumed-2")["weights"], weights(runs, "fsdp")["weights"]
+    for key, value in resumed.items():
+        assert torch.equal(value, straight[key]), key
+
+
+@pytest.mark.slow
+def test_a_resume_in_another_number_of_processes_reshards(runs: Path) -> None:
+    assert_close_metrics(history(runs / "fsdp-resumed-1"), history(runs / "fsdp")[2:])
+    resumed, straight = weights(runs, "fsdp-resumed-1")["weights"], weights(runs, "fsdp")["weights"]
+    for key, value in resumed.items():
+        torch.testing.assert_close(value, straight[key], rtol=RTOL, atol=RTOL, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.slow
+def test_eval_predict_and_export_read_a_sharded_checkpoint_in_one_process(runs: Path, tmp_path: Path) -> None:
+    cli = make_cli()
+    checkpoint = epoch_checkpoint(runs / "fsdp", 3)
+    done = CliRunner().invoke(cli, ["eval", "--checkpoint", str(checkpoint), "--json"], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    metrics = json.loads(done.output)["metrics"]
+    final = history(runs / "fsdp")[-1]
+    assert metrics["val/loss"] == pytest.approx(final["val/loss"], rel=1e-6)
+    assert metrics["val/acc"] == final["val/acc"]
+    out = tmp_path / "model.pt2"
+    done = CliRunner().invoke(cli, ["export", "--checkpoint", str(checkpoint), "--format", "exported-program",
+                                    "--output", str(out)], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    program = torch.export.load(str(out)).module()
+    model_weights = weights(runs, "fsdp")["weights"]
+    exported = dict(program.state_dict())
+    for key, value in model_weights.items():
+        assert torch.equal(exported[f"model.{key}"], value), key  # (behind the export's normalisation)
+
+
+@pytest.mark.slow
+def test_tensorboard_histograms_show_whole_parameters_under_fsdp(runs: Path) -> None:
+    def histograms(run: Path) -> dict[str, Any]:
+        reader = event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+        reader.Reload()
+        return {tag: reader.Histograms(tag) for tag in reader.Tags()["histograms"]}
+
+    fsdp, ddp = histograms(runs / "fsdp"), histograms(runs / "ddp")
+    assert fsdp.keys() == ddp.keys() and any(tag.startswith("weights/") for tag in fsdp)
+    assert any(tag.startswith("grads/") for tag in fsdp)
+    for tag, events in fsdp.items():
+        assert [e.step for e in events] == [e.step for e in ddp[tag]], tag
+        for mine, theirs in zip(events, ddp[tag]):
+            assert mine.histogram_value.num == theirs.histogram_value.num, tag  # whole tensors, not rank 0's shard
+            assert mine.histogram_value.sum == pytest.approx(theirs.histogram_value.sum, rel=1e-3, abs=1e-4), tag
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_is_refused_by_a_run_that_keeps_whole_weights(runs: Path, tmp_path: Path) -> None:
+    done = CliRunner().invoke(make_cli(), ["run", *JOB, "--epochs", "4", "--strategy", "auto", "--plugins", "no:weights-probe", "--resume",
+                                           str(epoch_checkpoint(runs / "fsdp", 2)), "--run-dir", str(tmp_path / "r")])
+    assert done.exit_code == 2
+    assert "holds sharded weights" in done.output and "--strategy fsdp" in done.output
+    assert not (tmp_path / "r").exists()
+
+
+# -- the parts -----------------------------------------------------------------
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.norm = nn.LayerNorm(4)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_each_child_is_a_unit_but_tied_children_stay_with_the_root() -> None:
+    model = Tied()
+    assert shard_units(model) == [*model.blocks, model.norm]  # members of a ModuleList; no parameterless ReLU
+
+
+def test_a_model_names_its_own_blocks() -> None:
+    model = Tied()
+    model.shard_blocks = [model.blocks[0]]  # type: ignore[assignment]
+    assert shard_units(model) == [model.blocks[0]]
+    from plugins.models.tiny_gpt import build
+
+    gpt = build(input_shape=(16,), num_classes=12, width=16, depth=2, heads=2)
+    assert shard_units(gpt) == list(gpt.blocks)
+
+
+@pytest.mark.parametrize("size", [1, 7, 17, 33, 64])
+@pytest.mark.parametrize("loader", [False, True], ids=["tensors", "dataloader"])
+def test_equal_steps_give_every_rank_as_many_evaluation_batches(size: int, loader: bool) -> None:
+    inputs, targets = torch.zeros(size, 1), torch.arange(size)
+    split = torch.utils.data.TensorDataset(inputs, targets) if loader else TensorSplit(inputs, targets)
+    for world in (1, 2, 3):
+        if size < world:
+            with pytest.raises(UsageError, match="too small to give each of"):
+                Batches(split, 8, torch.device("cpu"), shuffle=False, num_workers=0, rank=0, world_size=world,
+                        input_dims=1, equal_steps=True)
+            continue
+        parts = [Batches(split, 8, torch.device("cpu"), shuffle=False, num_workers=0, rank=r, world_size=world,
+                         input_dims=1, equal_steps=True) for r in range(world)]
+        batches = [[t.tolist() for _, t in part.iterate()] for part in parts]
+        assert len({len(b) for b in batches}) == 1 and {len(p) for p in parts} == {len(batches[0])}
+        assert all(0 < len(batch) <= 8 for b in batches for batch in b)
+        assert [i for b in batches for batch in b for i in batch] == list(range(size))
+
+
+def test_shards_named_by_a_checkpoint_must_be_a_folder_of_ours(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "last.pt"
+    outside = tmp_path / "elsewhere"
+    (outside / "0123456789abcdef").mkdir(parents=True)
+    (outside / "0123456789abcdef" / ".metadata").write_bytes(b"x")
+    for token in ("../elsewhere/0123456789abcdef", str(outside / "0123456789abcdef"), "0123456789ABCDEF", 7, ""):
+        with pytest.raises(UsageError, match="not a shards folder this trainer writes"):
+            resolve_shards(checkpoint, token)
+    with pytest.raises(UsageError, match="is incomplete"):
+        resolve_shards(checkpoint, "0123456789abcdef")  # no such folder beside it
+    (shards_root(checkpoint) / "fedcba9876543210").mkdir(parents=True)  # a save that never finished
+    with pytest.raises(UsageError, match="is incomplete"):
+        resolve_shards(checkpoint, "fedcba9876543210")
+
+
+def test_removing_a_checkpoint_removes_only_the_shards_folders_it_wrote(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"PK")
+    root = shards_root(checkpoint)
+    for name in ("0123456789abcdef", "fedcba9876543210"):
+        (root / name).mkdir(parents=True)
+        (root / name / "__0_0.distcp").write_bytes(b"x")
+    (root / "notes").mkdir()  # not a name of ours: kept
+    drop_stale_shards(checkpoint, keep="0123456789abcdef")
+    assert sorted(p.name for p in root.iterdir()) == ["0123456789abcdef", "notes"]
+    remove_checkpoint(checkpoint)
+    assert not checkpoint.exists() and [p.name for p in root.iterdir()] == ["notes"]
+    (root / "notes").rmdir()
+    checkpoint.write_bytes(b"PK")
+    (root / "0123456789abcdef").mkdir()
+    remove_checkpoint(checkpoint)
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "fsdp"], "--strategy fsdp shards the model over several processes: add --nproc-per-node N"),
+])
+def test_fsdp_in_one_process_is_refused_before_the_run_folder(args: list[str], message: str, tmp_path: Path) -> None:
+    done = CliRunner().invoke(make_cli(), ["run", *args, "--run-dir", str(tmp_path / "r")])
+    assert done.exit_code == 2 and message in done.output
+    assert len(done.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_refuses_fp16_in_one_line_on_every_rank(site: Path, tmp_path: Path) -> None:
+    done = launch(site, 2, ["--strategy", "fsdp", "--precision", "16", "--epochs", "1", "--run-dir", str(tmp_path / "r")])
+    assert done.returncode == 2
+    assert "not fp16" in done.stderr and "use --precision bf16" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists()
