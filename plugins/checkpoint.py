@@ -177,6 +177,35 @@ class Checkpoint:
             )
             return
         assert self.folder is not None
+        recorded = [k for k in state["kept"] if _is_kept_entry(k)]
+        if len(recorded) != len(state["kept"]):
+            log.warning("checkpoint: the resumed state lists %d kept file(s) that are not best checkpoints of this "
+                        "plugin (a file name in this folder, a score, an epoch); they are ignored",
+                        len(state["kept"]) - len(recorded))
         # Files deleted by hand (or a resume into another folder) are not ranked against.
-        self.kept = [k for k in state["kept"] if (self.folder / k["file"]).is_file()]
+        self.kept = [k for k in recorded if (self.folder / k["file"]).is_file()]
+        if self.dirpath is None and trainer.is_main:
+            self._remove_unrecorded(trainer.state.epoch)
+
+    def _remove_unrecorded(self, epoch: int) -> None:
+        """Remove the best checkpoints of this run's own folder, up to ``epoch``, that the
+        resumed state does not list: evicted by a save that was cut before it deleted them."""
+        assert self.folder is not None
+        names = {k["file"] for k in self.kept}
+        for path in self.folder.glob("best-epoch*.pt"):
+            found = BEST_FILE.fullmatch(path.name)
+            if found and int(found.group(1)) <= epoch and path.name not in names:
+                log.warning("checkpoint: removing %s, evicted by a save that was cut short", path.name)
+                remove_checkpoint(path)
+
+
+# The names this plugin gives its best files (best-epoch003-val_acc0.9861.pt): never a path.
+BEST_FILE = re.compile(r"best-epoch(\d{3,})-[0-9A-Za-z_.+-]*\.pt")
+
+
+def _is_kept_entry(entry: object) -> bool:
+    """Whether a kept entry read from a checkpoint is one this plugin writes: never a path."""
+    return (isinstance(entry, dict) and isinstance(entry.get("file"), str) and BEST_FILE.fullmatch(entry["file"]) is not None
+            and isinstance(entry.get("score"), (int, float)) and isinstance(entry.get("epoch"), int)
+            and isinstance(entry.get("step"), int))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
 
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
 
 # torch is imported inside the functions: the checkpoint plugin imports this
 # module, and `trainer plugins` must list plugins without loading torch.
+
+log = logging.getLogger("trainer_core")
 
 CHECKPOINT_FOLDER = "checkpoints"
 LAST_CHECKPOINT = "last.pt"  # the newest state of a run, what ``--resume`` continues from
@@ -70,11 +74,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError(f"checkpoint {path} does not exist")
     import torch
 
-    with open(path, "rb") as handle:
-        magic = handle.read(2)
+    magic = _magic(path)
     # torch.save writes a zip archive ("PK"), older versions a bare pickle (which starts with 0x80).
     if magic != b"PK" and magic[:1] != b"\x80":
         raise UsageError(f"checkpoint {path} is not a checkpoint (not a file torch.save writes)")
+    if magic == b"PK":
+        damage = archive_damage(path)
+        if damage:
+            raise UsageError(f"checkpoint {path} is damaged or not a checkpoint: {damage}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -110,6 +117,24 @@ def remove_checkpoint(path: Path) -> None:
     drop_stale_shards(path, keep=None)
 
 
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(2)
+
+
+def archive_damage(path: Path) -> str | None:
+    """What is wrong with the zip archive ``torch.save`` wrote at ``path``, or ``None``.
+
+    ``torch.load`` does not check the CRC-32 the archive stores for each of its records,
+    so flipped bytes would load as wrong weights; reading every record checks them all."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"record {bad} fails its checksum" if bad is not None else None
+
+
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint file as given, or the newest complete one in a run folder
     (or in its ``checkpoints`` folder)."""
@@ -125,12 +150,18 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def newest_checkpoint(run_path: Path) -> Path | None:
-    """The most recently written complete checkpoint of a run folder (or of a
-    folder of checkpoints), or ``None`` when it holds none."""
+    """The most recently written undamaged checkpoint of a run folder (or of a
+    folder of checkpoints), or ``None`` when it holds none.  A damaged newer one
+    (see :func:`archive_damage`) is passed over with a warning."""
     folder = run_path / CHECKPOINT_FOLDER if (run_path / CHECKPOINT_FOLDER).is_dir() else run_path
     # Temporary files of an interrupted save start with a dot and are never candidates.
-    found = [p for p in folder.glob("*.pt") if not p.name.startswith(".")] if folder.is_dir() else []
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name)) if found else None
+    found = [p for p in folder.glob("*.pt") if not p.name.startswith(".") and p.is_file()] if folder.is_dir() else []
+    for path in sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True):
+        damage = archive_damage(path) if _magic(path) == b"PK" else None
+        if damage is None:
+            return path
+        log.warning("checkpoint %s is damaged (%s); passing over it to an older one", path, damage)
+    return None
 
 
 def describe_misfit(own: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> str:

@@ -4,6 +4,7 @@ command line, checked once before anything is built."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+log = logging.getLogger("trainer_core")
 
 DEFAULT_PLUGINS = ("progress",)
 RESERVED_OWNERS = ("model", "dataset", "task")
@@ -193,6 +196,37 @@ def apply_option_overrides(config: RunConfig, overrides: Iterable[str]) -> None:
             raise UsageError(f"option '{owner}.{key}' is for plugin '{owner}', which is not enabled; add --plugins {owner}")
 
 
+# Settings that choose where a run writes: from the command line or a config file, never from a checkpoint.
+WRITE_LOCATIONS = ("run_dir", "runs_root", "name")
+
+
+def without_write_locations(saved: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A checkpoint's saved config without the settings that choose where a run
+    writes (``run_dir``, ``runs_root``, ``name`` and plugin options that are paths,
+    such as ``checkpoint.dirpath``), and the names of those it held: a file a run
+    reads never chooses where it writes."""
+    from trainer_core.entrypoints import PLUGINS, Registry
+    from trainer_core.options import options_of
+
+    cleaned = {key: value for key, value in saved.items() if key not in WRITE_LOCATIONS}
+    dropped = [key for key in WRITE_LOCATIONS if key in saved]
+    table = saved.get("plugins")
+    if isinstance(table, dict):
+        registry, plugins = Registry(PLUGINS), {}
+        for name, options in table.items():
+            if not isinstance(options, dict):  # true / false: on or off
+                plugins[name] = options
+                continue
+            try:
+                paths = {o.name for o in options_of(registry.get(name).load()) if o.is_path} if options else set()
+            except Exception:  # (a plugin not installed here: the run refuses it when it loads the plugins)
+                paths = set()
+            plugins[name] = {key: value for key, value in options.items() if key not in paths}
+            dropped += [f"plugins.{name}.{key}" for key in sorted(paths & options.keys())]
+        cleaned["plugins"] = plugins
+    return cleaned, dropped
+
+
 def resolve_config(
     config_file: Path | None = None,
     settings: Mapping[str, Any] | None = None,
@@ -200,10 +234,17 @@ def resolve_config(
     overrides: Iterable[str] = (),
     base: Mapping[str, Any] | None = None,
 ) -> RunConfig:
-    """Defaults, then ``base`` (a resumed run's saved config), then
-    ``config_file``, then command-line ``settings`` (``None`` values are
-    skipped), the ``--plugins`` list and ``-o`` overrides."""
-    config = apply_mapping(RunConfig(), base, "the checkpoint's config") if base is not None else RunConfig()
+    """Defaults, then ``base`` (a resumed run's saved config, less where it
+    wrote: :func:`without_write_locations`), then ``config_file``, then
+    command-line ``settings`` (``None`` values are skipped), the ``--plugins``
+    list and ``-o`` overrides."""
+    config = RunConfig()
+    if base is not None:
+        base, dropped = without_write_locations(base)
+        apply_mapping(config, base, "the checkpoint's config")
+        if any(name.startswith("plugins.") for name in dropped):
+            log.warning("resume: %s from the checkpoint not used (where a run writes comes from the command line or a "
+                        "config file; give it again there to keep it)", ", ".join(n for n in dropped if n.startswith("plugins.")))
     if config_file is not None:
         load_config(config_file, config)
     for key, value in (settings or {}).items():

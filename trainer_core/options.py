@@ -34,6 +34,11 @@ class Option:
     def type_name(self) -> str:
         return _type_name(self.annotation)
 
+    @property
+    def is_path(self) -> bool:
+        """Whether the option names a file or folder (annotated ``Path``, or ``Path | None``)."""
+        return self.annotation is Path or Path in typing.get_args(self.annotation)
+
     def describe(self) -> str:
         text = f"{self.name}: {self.type_name()}"
         return text if self.required else f"{text} = {self.default!r}"
