@@ -221,7 +221,8 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
 
         Read from each run folder's config.toml, metrics.jsonl and
         summary.json; a run still writing shows as running, one killed before
-        finishing as incomplete.
+        finishing as incomplete, one whose files are damaged as unreadable
+        (what is wrong follows the table, on stderr).
         """
         rows = sorted((describe_run(path, metric) for path in find_runs(folder)), key=lambda r: (r["date"], r["name"]))
         if as_json:
@@ -240,3 +241,6 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
             for r in rows
         ]
         click.echo(format_table(headers, cells, [False, False, False, False, True, True, True, False]))
+        for r in rows:
+            if r["problem"]:
+                click.echo(f"{r['name']}: unreadable: {r['problem']}", err=True)

@@ -12,11 +12,18 @@ from typing import Any, Sequence
 from trainer_core.errors import UsageError
 
 
-def _read_json(path: Path) -> Any:
+def _read_text(path: Path, problems: list[str]) -> str | None:
+    """``path``'s text; None when it is missing, or unreadable (said in ``problems``)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        problems.append(f"cannot read {path.name} ({exc.strerror or type(exc).__name__})")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        problems.append(f"{path.name} is not UTF-8 text (line {line})")
+    return None
 
 
 def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
@@ -26,19 +33,36 @@ def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
     from trainer_core.config import tomllib
     from trainer_core.rundir import CONFIG, LOCK, METRICS, SUMMARY, lock_is_stale
 
-    try:
-        config = tomllib.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    summary = _read_json(folder / SUMMARY)
+    problems: list[str] = []  # what makes the run's files unreadable: the row says so, the others list on
+    config: dict[str, Any] = {}
+    text = _read_text(folder / CONFIG, problems)
+    if text is not None:
+        try:
+            config = tomllib.loads(text)
+        except ValueError as exc:
+            problems.append(f"{CONFIG} is not valid TOML ({' '.join(str(exc).split())})")
+    summary = None
+    text = _read_text(folder / SUMMARY, problems)
+    if text is not None:
+        try:
+            summary = json.loads(text)
+        except ValueError:
+            problems.append(f"{SUMMARY} is not JSON")
+        if summary is not None and not isinstance(summary, dict):
+            problems.append(f"{SUMMARY} is not a JSON object")
+            summary = None
     records = []
-    try:
-        for line in (folder / METRICS).read_text(encoding="utf-8").splitlines():
-            record = _read_json_line(line)
-            if record is not None:
-                records.append(record)
-    except OSError:
-        pass
+    text = _read_text(folder / METRICS, problems)
+    lines = text.split("\n") if text is not None else []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _read_json_line(line)
+        if record is not None:
+            records.append(record)
+        elif number < len(lines):  # (not the last piece: a line cut short by a kill has no newline)
+            problems.append(f"{METRICS} line {number} is not a JSON object")
+            break
     if metric is None:
         metric = summary.get("headline") if isinstance(summary, dict) and isinstance(summary.get("headline"), str) else None
         metric = metric or _headline_of(config.get("task"))
@@ -50,13 +74,17 @@ def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
         status = str(summary.get("status", "unknown"))
         duration = summary.get("duration_s")
         try:
-            started_at = datetime.datetime.fromisoformat(str(summary["started"])).timestamp()
-        except (KeyError, ValueError):
+            first = datetime.datetime.fromisoformat(str(summary["started"])).timestamp()
+            time.localtime(first)  # (a date a clock can show)
+            started_at = first
+        except (KeyError, ValueError, OverflowError, OSError):
             pass  # a summary written before it recorded the start
     else:
         lock = folder / LOCK
         status = "running" if lock.exists() and not lock_is_stale(lock) else "incomplete"
         duration = None
+    if problems:
+        status = "unreadable"
     return {
         "name": folder.name,
         "path": str(folder),
@@ -69,6 +97,7 @@ def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
         "best_epoch": best.get("epoch") if best else None,
         "duration_s": duration,
         "status": status,
+        "problem": "; ".join(problems) or None,
     }
 
 
@@ -99,10 +128,20 @@ def best_record(records: Sequence[dict[str, Any]], metric: str) -> dict[str, Any
     """The record with the best finite ``metric``: lowest for losses and errors, highest otherwise."""
     from trainer_core.task import metric_mode  # the rule checkpoint and early-stopping rank by
 
-    usable = [r for r in records if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    usable = [r for r in records if _finite(r.get(metric))]
     if not usable:
         return None
     return (min if metric_mode(metric) == "min" else max)(usable, key=lambda r: r[metric])
+
+
+def _finite(value: Any) -> bool:
+    """A metric value to rank by: a finite number (not a bool, nor an int too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def find_runs(folder: Path) -> list[Path]:
@@ -130,7 +169,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: S
 
 
 def format_duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
+    if not _finite(seconds):
         return "-"
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"

@@ -136,7 +136,7 @@ def load_images(paths: Sequence[Path], data: DataBundle) -> torch.Tensor:
                 image = opened.convert("L" if channels == 1 else "RGB")
         except FileNotFoundError:
             raise UsageError(f"image {path} does not exist") from None
-        except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+        except (OSError, Image.DecompressionBombError) as exc:  # (UnidentifiedImageError is an OSError; a bomb is not)
             raise UsageError(f"{path} is not an image file that can be read: {exc}") from None
         if callable(transform):
             tensor = transform(image)

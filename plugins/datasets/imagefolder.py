@@ -82,6 +82,24 @@ def _folder(path: Path, transform: Callable[[Any], Any]) -> ImageFolder:
         raise UsageError(f"image folder {path} does not exist: --data-root must hold train/<class>/ and val/<class>/ "
                          f"folders of images (e.g. the seed's hymenoptera_data)")
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=read_image)
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
         raise UsageError(f"image folder {path}: {exc}") from None
+
+
+class ImageTooLarge(OSError):
+    """An image whose header declares more pixels than PIL agrees to decode (a
+    decompression bomb): unreadable, like a damaged image file."""
+
+
+def read_image(path: str) -> Any:
+    """torchvision's image loader, except that PIL's ``DecompressionBombError``
+    (not an ``OSError``) comes out as :class:`ImageTooLarge`, an ``OSError`` like
+    every other unreadable image, so the loop names the file in one line."""
+    from PIL import Image
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
