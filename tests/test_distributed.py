@@ -527,8 +527,10 @@ def test_ranks_split_each_global_batch_and_the_validation_split(loader: bool, si
 
 
 def test_torchrun_command_lines() -> None:
+    # From Python 3.11 the processes start with -P: nothing is imported from the working directory.
+    python = ["--no-python", sys.executable, "-P", "-u"] if sys.version_info >= (3, 11) else []
     assert torchrun_args(2, ["run", "--epochs", "1"]) == [
-        "--nproc-per-node", "2", "--nnodes", "1", "-m", "trainer_core", "run", "--epochs", "1"]
+        "--nproc-per-node", "2", "--nnodes", "1", *python, "-m", "trainer_core", "run", "--epochs", "1"]
     assert torchrun_args(4, ["run"], nnodes=2, node_rank=1, rdzv_endpoint="node0:29400")[:8] == [
         "--nproc-per-node", "4", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29400"]
     assert "c10d" in torchrun_args(4, ["run"], nnodes=2, rdzv_endpoint="node0:29400")

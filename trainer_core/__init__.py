@@ -10,7 +10,24 @@ it (``Trainer``, ``DataBundle``, ...) is first used.
 
 from __future__ import annotations
 
-import importlib
+
+def _forget_working_directory() -> None:
+    """Under ``python -m trainer_core`` (also how torchrun starts a run's
+    processes), Python put the working directory first on ``sys.path``: drop it
+    before anything is imported, so that no module in the folder a run starts
+    from (a ./plugins, ./pluggy.py, ./json.py...) replaces ours or a library's."""
+    import os
+    import sys
+
+    if sys.argv[:1] == ["-m"] and "trainer_core" in getattr(sys, "orig_argv", ["trainer_core"]) and sys.path \
+            and os.path.abspath(sys.path[0] or os.curdir) == os.getcwd():
+        del sys.path[0]  # (sys.argv[0] is "-m" only while Python imports the package to run)
+
+
+_forget_working_directory()
+del _forget_working_directory
+
+import importlib  # noqa: E402 (after the line above, on purpose)
 from typing import TYPE_CHECKING, Any
 
 from trainer_core.distributed import rank_zero_only

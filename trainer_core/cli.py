@@ -27,7 +27,7 @@ from trainer_core.pluginmanager import check_plugin, implemented_hooks, make_plu
 F = TypeVar("F", bound=Callable[..., Any])
 
 # ``run`` options that start torchrun; the processes it starts get the other options.
-LAUNCHER_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
+LAUNCHER_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_timeout")
 
 def worker_args(ctx: click.Context, skip: tuple[str, ...]) -> list[str]:
     """The command line that repeats this command's given options, less ``skip``
@@ -192,6 +192,8 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--nnodes", type=int, metavar="M", help="With --nproc-per-node: machines taking part.  [default: 1]")
     @click.option("--node-rank", type=int, metavar="R", help="With --nnodes: this machine's index, 0 to M-1 (or leave it to torchrun).")
     @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="With --nnodes: where the machines meet (an address of node 0).")
+    @click.option("--rdzv-timeout", type=int, metavar="SECONDS",
+                  help="With --rdzv-endpoint: how long the machines may take to meet before the run fails.  [default: 600]")
     @click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp"]),
                   help="How several processes share the model: ddp keeps a copy on each, fsdp shards it "
                        "(FSDP2, for models larger than one device).  [default: auto, ddp]")
@@ -226,9 +228,11 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         backend = settings.pop("backend")
         if launcher["nproc_per_node"] is not None:
             ctx = click.get_current_context()
+            rdzv_timeout = distributed.DEFAULT_RDZV_TIMEOUT_S if launcher["rdzv_timeout"] is None else launcher["rdzv_timeout"]
             torchrun = distributed.torchrun_args(
                 launcher["nproc_per_node"], worker_args(ctx, LAUNCHER_OPTIONS), nnodes=launcher["nnodes"] or 1,
                 node_rank=launcher["node_rank"], rdzv_endpoint=launcher["rdzv_endpoint"],
+                rdzv_timeout=rdzv_timeout,
             )
             # Refuse what the processes would refuse before starting them: one clear error, not N racing ones.
             wanted = {key: value for key, value in settings.items() if key != "recipe"}
@@ -236,7 +240,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
                 resolve_config(recipe_or_config(settings["recipe"], config_file), wanted, plugins, overrides),
                 size=launcher["nproc_per_node"] * (launcher["nnodes"] or 1),
             )
-            distributed.launch(torchrun)
+            distributed.launch(torchrun, rdzv_timeout=rdzv_timeout)
             return
         distributed.check_worker_options(launcher, backend)
 
