@@ -236,10 +236,13 @@ def test_runs_lists_finished_incomplete_and_running_runs(trained: dict, tmp_path
     running = runs / "running"
     running.mkdir()
     (running / "config.toml").write_text('[model]\nname = "smallcnn"\n[dataset]\nname = "digits"\n')
-    (running / ".lock").write_text(str(os.getpid()))
+    from trainer_core.rundir import RunDir
+
+    held = RunDir.create(running, resume=True)  # a live run holds its folder's lock
     (runs / "not-a-run").mkdir()
 
     code, output = invoke("runs", runs, "--json")
+    held.close()
     assert code == 0, output
     rows = {r["name"]: r for r in json.loads(output)}
     assert set(rows) == {"finished", "killed", "running"}

@@ -654,8 +654,9 @@ def test_two_runs_on_one_run_folder_at_once_one_refuses_and_nothing_is_corrupted
     (winner,) = [p for p in procs if p is not loser]
     _, err = loser.communicate()
     run = tmp_path / "run"
-    assert (loser.returncode, one_line(err)) == (2, "error: run folder run is in use by another run (run/.lock exists); "
-                                                    "wait or choose another --name")
+    assert loser.returncode == 2
+    assert re.fullmatch(rf"error: run folder run is in use by another run \(process {winner.pid} on \S+\); "
+                        "wait for it to end or choose another --name", one_line(err))
     finish(winner)
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"

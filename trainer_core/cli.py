@@ -203,8 +203,9 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--runs-root", help="Folder that holds run folders.  [default: runs]")
     @click.option("--run-dir", help="Exact run folder (instead of --runs-root/--name).")
     @click.option("--resume", "resume_path", type=click.Path(path_type=Path),
-                  help="Continue from a checkpoint file or a run folder (its newest checkpoint); 'auto': the "
-                       "newest checkpoint of the run named by --name/--run-dir, or a fresh start there if it has none.")
+                  help="Continue from a checkpoint file or a run folder (its newest checkpoint), in its run folder "
+                       "(a checkpoint outside one: in a new run folder); 'auto': the newest checkpoint of the run named "
+                       "by --name/--run-dir, or a fresh start there if it has none.")
     @click.option("--overwrite", is_flag=True, help="Reuse a run folder that already holds a run.")
     @click.option("-q", "--quiet", is_flag=True, help="No console output but warnings and errors: no progress (--plugins no:progress), no plugin notices.")
     @debug_option
@@ -222,8 +223,12 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         from trainer_core import distributed
         from trainer_core.checkpointing import find_checkpoint, load_checkpoint
         from trainer_core.config import resolve_config
-        from trainer_core.runner import build_run
+        from trainer_core.resumecheck import check_resumable, check_same_optimizer, run_folder_of, same_folder
+        from trainer_core.runner import build_run, run_path_for
 
+        quieted = [o.partition("=")[0].strip() for o in overrides if quiet and o.strip().startswith("progress.")]
+        if quieted:
+            raise UsageError(f"option '{quieted[0]}' is for plugin 'progress', which -q turns off; leave out -q or the option")
         launcher = {key: settings.pop(key) for key in LAUNCHER_OPTIONS}
         backend = settings.pop("backend")
         if launcher["nproc_per_node"] is not None:
@@ -245,34 +250,51 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         distributed.check_worker_options(launcher, backend)
 
         config_file = recipe_or_config(settings.pop("recipe"), config_file)
-        resume, run_path = None, None
+        resume, run_path, checkpoint, restart = None, None, None, False
         if resume_path is not None and str(resume_path) == "auto":
-            # The named run's newest checkpoint, or a fresh start there when it has none yet.
-            from trainer_core.checkpointing import newest_checkpoint
-            from trainer_core.errors import UsageError
-            from trainer_core.runner import run_path_for
+            # The named run's newest checkpoint, or a fresh start there when it has none yet
+            # (also when its run stopped before its first save: RunDir.create says so).
+            from trainer_core.checkpointing import CHECKPOINT_FOLDER, newest_checkpoint
 
             named = resolve_config(config_file, settings)
             if not (named.name or named.run_dir):
                 raise UsageError("--resume auto needs --name or --run-dir to know which run to continue")
             resume_path = newest_checkpoint(run_path_for(named))
+            if resume_path is None:
+                saved = run_path_for(named) / CHECKPOINT_FOLDER
+                if saved.is_dir() and any(p.name.endswith(".pt") and not p.name.startswith(".") for p in saved.iterdir()):
+                    raise UsageError(f"--resume auto: no usable checkpoint in {saved}; resume from one with --resume FILE, "
+                                     "or move them away to start the run afresh")
+                restart = True
         if resume_path is not None:
             checkpoint = find_checkpoint(resume_path)
             resume = load_checkpoint(checkpoint)
-            run_path = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+            check_resumable(resume, checkpoint)  # before anything is written
+            run_path = run_folder_of(checkpoint)  # None: not in a run folder; the resumed run writes a new one
         config = resolve_config(
             config_file, settings, [*plugins, *(["no:progress"] if quiet else [])], overrides,
             base=resume.get("config") if resume else None,
         )
-        if run_path is not None and (settings.get("run_dir") or settings.get("name")):
-            run_path = None  # the user chose where the resumed run goes
+        continues = None
+        if resume is not None:
+            assert checkpoint is not None
+            check_same_optimizer(resume, config, checkpoint)
+            own = run_path
+            if settings.get("run_dir") or settings.get("name") or own is None:
+                run_path = run_path_for(config)  # the user chose where the resumed run goes, or a new folder
+            # It continues the run of the folder it writes only when that is the checkpoint's own run folder.
+            continues = own is not None and same_folder(own, run_path)
         if distributed.launched_by_torchrun():
             from trainer_core.runtime import select_device
 
             if distributed.init_from_env(distributed.device_for_rank(select_device(config.device)), backend):
                 click.get_current_context().call_on_close(distributed.shutdown)
-        trainer = build_run(config, pm=pm_factory(), resume=resume, run_path=run_path, overwrite=overwrite)
+        trainer = build_run(config, pm=pm_factory(), resume=resume, run_path=run_path, overwrite=overwrite, restart=restart,
+                            continues=continues)
         trainer.quiet = quiet
+        if checkpoint is not None and run_folder_of(checkpoint) is None and trainer.is_main:
+            logging.getLogger("trainer_core").warning(
+                "%s is not in a run folder: the resumed run is written to %s", checkpoint, trainer.run_path)
         state = trainer.fit()
         if trainer.distributed:
             # Every rank done before any leaves, and DDP's wrapper gone before the process

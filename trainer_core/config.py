@@ -65,6 +65,7 @@ class RunConfig:
         """Raise :class:`UsageError` for a value out of range; return self."""
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})"),
+            (0 <= self.seed < 2**32, f"seed must be between 0 and 2**32 - 1 = {2**32 - 1} (got {self.seed})"),
             (self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})"),
             (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1) (got {self.momentum})"),

@@ -85,12 +85,19 @@ def build_run(
     run_path: Path | None = None,
     overwrite: bool = False,
     write_files: bool = True,
+    restart: bool = False,
+    continues: bool | None = None,
 ) -> Trainer:
     """Resolve ``config`` into a ready :class:`Trainer`.
 
     :param resume: a loaded checkpoint to continue from.
     :param run_path: the run folder (derived from ``config`` when omitted).
+    :param overwrite: replace the run the folder holds.
     :param write_files: ``False`` builds a run that writes no folder.
+    :param restart: start afresh in the folder of a run that left no checkpoint.
+    :param continues: whether the resumed run continues the run the folder holds
+        (default: whenever ``resume`` is given); otherwise a folder that holds a run is refused
+        unless ``overwrite``.
     """
     pm = pm or make_plugin_manager()
     init_for_library(select_device(config.device))  # joins torchrun's process group, if launched by it
@@ -116,13 +123,18 @@ def build_run(
         # The default name holds the time: every rank takes rank zero's choice, and only rank zero writes.
         path = broadcast_object(run_path or run_path_for(config))
         if rank() == 0:
-            run_dir = RunDir.create(path, resume=resume is not None, overwrite=overwrite)
-            run_dir.write_config(config.to_toml())
+            reopen = resume is not None if continues is None else continues
+            run_dir = RunDir.create(path, resume=reopen, overwrite=overwrite, restart=restart)
+            try:
+                run_dir.write_config(config.to_toml())
+            except BaseException:
+                run_dir.finish(None, failed=True)
+                raise
         else:
             run_dir = RunDir(path)
     try:
         return Trainer(model, data, config, task=task, pm=pm, run_dir=run_dir, resume=resume)
-    except BaseException:
-        if run_dir is not None:
-            run_dir.close()
+    except BaseException as exc:
+        if run_dir is not None:  # (bad input: a folder this run made goes again)
+            run_dir.finish(None, failed=True, discard=isinstance(exc, UsageError))
         raise

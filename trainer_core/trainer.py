@@ -90,7 +90,7 @@ class Trainer(Checkpoints):
 
     def fit(self) -> TrainState:
         """Train for ``config.epochs`` epochs (or until a plugin stops the run)."""
-        status, error, started = "completed", None, time.perf_counter()
+        status, error, started, refused = "completed", None, time.perf_counter(), False
         self.state.started_at = self.state.started_at or time.time()  # (a resume then restores the first start)
         try:
             with self.signals:
@@ -99,6 +99,7 @@ class Trainer(Checkpoints):
             return self.state
         except BaseException as exc:
             status, error = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", f"{type(exc).__name__}: {exc}"
+            refused = isinstance(exc, UsageError) and self.state.step == 0  # bad input, found before any training
             call_each_guarded(self.pm, "on_exception", trainer=self, exception=exc)
             fault = blame_plugin(self.pm, exc)
             if fault is not None:
@@ -109,7 +110,7 @@ class Trainer(Checkpoints):
                 summary = run_summary(self.state, self.config, self.task, status=status, error=error,
                                       duration=time.perf_counter() - started, device=self.device, processes=self.world_size,
                                       skipped_steps=self.stepper.skipped if self.stepper else 0) if self.is_main else None
-                self.run_dir.finish(summary, failed=error is not None)
+                self.run_dir.finish(summary, failed=error is not None, discard=refused)
 
     def _fit(self) -> None:
         self._emit("on_setup", trainer=self)
@@ -130,7 +131,7 @@ class Trainer(Checkpoints):
             if self.losses.pending and self.state.batch_idx % self.config.log_every_n_steps == 0:
                 self._log_interval()  # saved in on_batch_end of a logging step, before its log: emit it, as the first run did
             if self.run_dir is not None and self.is_main:
-                self.run_dir.truncate_metrics(self.state.step)
+                self.run_dir.continue_from(self.state.step)
         while not self.state.should_stop and self._next_epoch():
             if self.state.batch_idx < len(self.train_batches):  # else: resumed between its training and evaluation
                 self._train_epoch()

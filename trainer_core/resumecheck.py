@@ -1,0 +1,163 @@
+"""What a resume reads, checked before the run folder changes: where a checkpoint's
+run folder is, and whether a checkpoint holds what a resumed run takes back.
+
+A checkpoint refused here is one line naming the file and the part that is wrong;
+nothing has been written yet.  (``metrics.jsonl`` is checked when the folder is
+reopened: :func:`trainer_core.rundir.read_metrics`.)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from trainer_core.errors import UsageError
+from trainer_core.rundir import CHECKPOINTS, CONFIG
+
+if TYPE_CHECKING:
+    from trainer_core.config import RunConfig
+
+
+def run_folder_of(checkpoint: Path) -> Path | None:
+    """The run folder ``checkpoint`` belongs to: ``RUN`` for ``RUN/checkpoints/FILE``
+    when ``RUN`` holds a run's ``config.toml``; ``None`` for a checkpoint anywhere
+    else (a folder a checkpoint was copied to is not a run folder)."""
+    folder = checkpoint.parent
+    if folder.name == CHECKPOINTS and (folder.parent / CONFIG).is_file():
+        return folder.parent
+    return None
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+class _Refused(Exception):
+    """A part of a checkpoint that a resume cannot take back, and why."""
+
+
+def check_resumable(payload: Mapping[str, Any], source: Path) -> None:
+    """Refuse a checkpoint a resume cannot take back: a missing part, or one of the
+    wrong kind (what ``load_checkpoint_state`` and the plugins' restore read)."""
+    try:
+        _check_payload(payload)
+    except _Refused as exc:
+        raise UsageError(f"checkpoint {source} cannot be resumed: {exc}") from None
+
+
+def check_same_optimizer(payload: Mapping[str, Any], config: RunConfig, source: Path) -> None:
+    """A resume continues the optimizer and its state: another optimizer is refused."""
+    from trainer_core.config import RunConfig
+
+    saved = payload.get("config") or {}
+    old = saved.get("optimizer", RunConfig().optimizer)
+    if config.optimizer != old:
+        raise UsageError(f"cannot resume {source} with optimizer {config.optimizer}: its run trains with {old}, and a resume "
+                         f"continues that optimizer and its state; leave --optimizer out, or start a new run from its weights "
+                         f"with -o model.weights={source}")
+
+
+def _check_payload(payload: Mapping[str, Any]) -> None:
+    import torch
+
+    from trainer_core.state import TrainState
+
+    def part(key: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+        if key not in payload:
+            if required:
+                raise _Refused(f"it has no '{key}'")
+            return None
+        value = payload[key]
+        if not isinstance(value, kind) and not (value is None and not required):
+            raise _Refused(f"its '{key}' is {_kind(value)}, not {_names(kind)}")
+        return value
+
+    part("config", Mapping, required=False)
+    if payload.get("shards") is None:
+        model = part("model", Mapping)
+        bad = [k for k, v in model.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise _Refused(f"its 'model' holds {_kind(model[bad[0]])} under {bad[0]!r}, not a tensor")
+    optimizer = part("optimizer", Mapping, required=False)
+    if optimizer is not None:
+        groups = optimizer.get("param_groups")
+        if not isinstance(optimizer.get("state"), Mapping) or not isinstance(groups, list) or not all(
+                isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
+            raise _Refused("its 'optimizer' is not an optimizer's state (state and param_groups)")
+    plugins = part("plugins", Mapping, required=False)
+    if plugins is not None and not all(isinstance(name, str) for name in plugins):
+        raise _Refused("its 'plugins' is not keyed by plugin names")
+    part("task", Mapping, required=False)
+    stepper = part("stepper", Mapping, required=False)
+    if stepper is not None and not _whole(stepper.get("skipped", 0)):
+        raise _Refused(f"its 'stepper.skipped' is {_kind(stepper.get('skipped'))}, not a whole number")
+    for key in ("epoch_totals", "pending"):
+        pair = part(key, (list, tuple))
+        if len(pair) != 2 or not _number(pair[0]) or not _whole(pair[1]):
+            raise _Refused(f"its '{key}' is not a loss sum and a sample count")
+
+    state = part("state", Mapping)
+    defaults = TrainState().state_dict()
+    unknown = sorted(str(k) for k in state if k not in defaults)
+    if unknown:
+        raise _Refused(f"its 'state' holds {', '.join(unknown)}, which a run's progress has not")
+    for key in ("epoch", "step", "batch_idx"):
+        if key not in state:
+            raise _Refused(f"its 'state' has no '{key}'")
+    for key, value in state.items():
+        default = defaults[key]
+        ok = (_whole(value) if isinstance(default, int) else _number(value) and value >= 0 if isinstance(default, float)
+              else isinstance(value, Mapping) if isinstance(default, dict)
+              else isinstance(value, list) and all(isinstance(m, Mapping) for m in value))
+        if not ok:
+            want = ("a whole number >= 0" if isinstance(default, int) else "a number >= 0" if isinstance(default, float)
+                    else "a table" if isinstance(default, dict) else "a list of tables")
+            raise _Refused(f"its 'state.{key}' is {_kind(value)}, not {want}")
+
+    _check_random_state(part("rng", Mapping), "rng")
+    rank_states = part("rank_rng", list, required=False)
+    for i, rank_state in enumerate(rank_states or []):
+        _check_random_state(rank_state, f"rank_rng[{i}]")
+
+
+def _check_random_state(state: Any, where: str) -> None:
+    """Load the saved random streams into scratch generators: what fails there would fail the resume."""
+    import numpy as np
+    import torch
+
+    if not isinstance(state, Mapping):
+        raise _Refused(f"its '{where}' is {_kind(state)}, not random states")
+    try:
+        python, numpy = state["python"], state["numpy"]
+        random.Random().setstate((python[0], tuple(python[1]), python[2]))
+        np.random.RandomState().set_state(("MT19937", numpy["keys"].numpy(), numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+        torch.Generator().set_state(state["torch"])
+        cuda = state.get("cuda")
+        if cuda is not None and not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) for t in cuda)):
+            raise TypeError("cuda is not a list of tensors")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _Refused(f"its '{where}' is not the random states a run saves ({first[:200]})") from None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _kind(value: Any) -> str:
+    return "missing" if value is None else type(value).__name__
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    words = {"Mapping": "a table", "list": "a list", "tuple": "a list"}
+    return " or ".join(dict.fromkeys(words.get(k.__name__, k.__name__) for k in kinds))
