@@ -474,6 +474,30 @@ def test_a_plugin_raising_on_rank_one_ends_the_run_with_its_error(site: Path, tm
     assert not summary.exists() or json.loads(summary.read_text())["status"] != "completed"
 
 
+# A library user's script under torchrun: what is left of the strategy's wrapper once fit() returns.
+WRAPPERS_LEFT = """
+import gc
+import torch
+from trainer_core.testing import run_tiny
+
+trainer = run_tiny(epochs=1)
+gc.collect()
+left = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+print(f"rank {trainer.rank}: {left} wrappers, trains the model itself: {trainer.train_forward is trainer.model}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_finished_fit_leaves_no_ddp_wrapper_for_the_exit_to_free(site: Path, tmp_path: Path) -> None:
+    # Freed by the garbage collector while the interpreter exits, DDP's wrapper makes gloo abort the process
+    # ("terminate called without an active exception") after a complete run, now and then.
+    script = tmp_path / "fit.py"
+    script.write_text(WRAPPERS_LEFT)
+    result = run_processes(["-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)], site)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split("\n"))[1:] == [f"rank {r}: 0 wrappers, trains the model itself: True" for r in (0, 1)]
+
+
 @pytest.mark.slow
 def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_the_run_folder(site: Path, tmp_path: Path) -> None:
     result = run_processes(

@@ -296,11 +296,6 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
             logging.getLogger("trainer_core").warning(
                 "%s is not in a run folder: the resumed run is written to %s", checkpoint, trainer.run_path)
         state = trainer.fit()
-        if trainer.distributed:
-            # Every rank done before any leaves, and DDP's wrapper gone before the process
-            # group: torn down in the other order, gloo can abort a rank at exit.
-            trainer.barrier()
-            trainer.train_forward = trainer.forward_model
         if not quiet and trainer.is_main:
             click.echo(f"run folder: {trainer.run_path}")
         if state.stop_reason and trainer.is_main:

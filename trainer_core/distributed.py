@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import json
 import os
 import sys
@@ -179,6 +180,9 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if is_initialized():
+        # Objects in reference cycles that hold collective work (a trainer and its strategy) freed now, while the
+        # interpreter can still run their destructors: freed during its exit, gloo's threads abort the process.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -143,6 +143,10 @@ class Trainer(Checkpoints):
             if self.distributed:  # also waits for rank zero's end-of-epoch files (checkpoints)
                 self.strategy.agree(self.state)
         self._emit("on_fit_end", trainer=self)
+        # The strategy's wrapper (DDP's, with its pending gradient buckets) released while the process group lives:
+        # left to the garbage collector at interpreter exit, gloo aborts the process (a second fit wraps anew).
+        self.strategy.teardown()
+        self.train_forward = self.forward_model
 
     def _next_epoch(self) -> bool:
         """Move to the next epoch unless one is part-way (a mid-epoch resume, or a resume
