@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from plugins.datasets import pydoc_chars
-from plugins.datasets.tabular import diabetes_split
+from trainer_core_plugins.datasets import pydoc_chars
+from trainer_core_plugins.datasets.tabular import diabetes_split
 
 # Prior weight of each order's lower-order estimate (interpolated Dirichlet smoothing):
 # an unseen context falls back to the shorter one; chosen once, not tuned per split.
@@ -30,7 +30,7 @@ MAX_ORDER = 3  # dense count tables: vocabulary^order entries
 
 def diabetes_linear_r2(val_fraction: float = 0.2, split_seed: int = 0) -> float:
     """R^2 on the validation split of least-squares linear regression fitted on
-    the training split of :func:`plugins.datasets.tabular.diabetes_split`."""
+    the training split of :func:`trainer_core_plugins.datasets.tabular.diabetes_split`."""
     from sklearn.linear_model import LinearRegression
 
     x_train, y_train, x_val, y_val = diabetes_split(val_fraction, split_seed)
@@ -41,7 +41,7 @@ def ngram_bits_per_char(order: int, train_text: str, val_text: str, vocabulary: 
                         block_size: int = 128) -> float:
     """Average bits per character of an order-``order`` character model (1:
     unigram, 2: bigram, 3: trigram) fitted on ``train_text``, over exactly the
-    targets of ``val_text``'s validation windows (:func:`plugins.datasets.pydoc_chars.windows`,
+    targets of ``val_text``'s validation windows (:func:`trainer_core_plugins.datasets.pydoc_chars.windows`,
     non-overlapping, ``block_size`` long), each predicted from the characters
     before it in its window, as a language model sees them.
 

@@ -30,8 +30,8 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
-from plugins.datasets.mnist import FILES, load_fashion_mnist
-from plugins.models.mlp import build as build_mlp
+from trainer_core_plugins.datasets.mnist import FILES, load_fashion_mnist
+from trainer_core_plugins.models.mlp import build as build_mlp
 from trainer_core.config import RunConfig
 from trainer_core.trainer import Trainer
 

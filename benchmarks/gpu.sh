@@ -74,7 +74,7 @@ main() {
         export PYTHONPATH="$PYTHONPATH:$SITE/wheels"
     fi
     # Checked once before any step: a missing package is named here, not three times below.
-    if ! "$PYTHON" -c 'import torchvision, trainer_core.trainer, plugins.models.convnet'; then
+    if ! "$PYTHON" -c 'import torchvision, trainer_core.trainer, trainer_core_plugins.models.convnet'; then
         echo "cannot import what the benchmarks need (above): put wheels of the missing packages in .whl/ (see this script's header)"
         return 3
     fi

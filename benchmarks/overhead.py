@@ -55,8 +55,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from plugins.models.convnet import build as build_convnet
-from plugins.models.mlp import build as build_mlp
+from trainer_core_plugins.models.convnet import build as build_convnet
+from trainer_core_plugins.models.mlp import build as build_mlp
 from trainer_core import hookimpl
 from trainer_core.config import RunConfig
 from trainer_core.data import DataBundle, TensorSplit, epoch_order

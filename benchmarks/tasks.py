@@ -111,14 +111,14 @@ def train(recipe: str, metric: str, folder: Path, seed: int | None, device: str 
 
 
 def diabetes_baselines(baselines: ModuleType) -> dict[str, float]:
-    from plugins.datasets.tabular import load_diabetes
+    from trainer_core_plugins.datasets.tabular import load_diabetes
 
     options = dataset_options(DIABETES, load_diabetes)
     return {"linear regression": baselines.diabetes_linear_r2(options["val_fraction"], options["split_seed"])}
 
 
 def charlm_baselines(baselines: ModuleType) -> tuple[dict[str, float], int]:
-    from plugins.datasets import pydoc_chars
+    from trainer_core_plugins.datasets import pydoc_chars
 
     options = dataset_options(CHARLM, pydoc_chars.load)
     text = pydoc_chars.corpus_text()

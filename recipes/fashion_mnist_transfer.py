@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from plugins.datasets.mnist import load_fashion_mnist, select_classes
+from trainer_core_plugins.datasets.mnist import load_fashion_mnist, select_classes
 from trainer_core.errors import UsageError
 
 HELD_OUT = ("pullover", "coat")  # what the pretrain recipe leaves out: similar to its shirts and t-shirts

@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from plugins.datasets import pydoc_chars
+from trainer_core_plugins.datasets import pydoc_chars
 
 def test_diabetes_linear_regression_explains_some_of_the_variance(baselines: ModuleType) -> None:
     r2 = baselines.diabetes_linear_r2()

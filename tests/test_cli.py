@@ -82,7 +82,7 @@ def test_plugins_lists_hooks_options_and_shows_broken_rows(fake_entry_points):
                       modules={"broken_plugin": "raise RuntimeError('half installed')\n"})
     result = invoke("plugins")
     assert result.exit_code == 0
-    assert "progress  (trainer-core)  plugins.progress:Progress" in result.output
+    assert "progress  (trainer-core)  trainer_core_plugins.progress:Progress" in result.output
     assert "hooks: on_batch_end, on_eval, on_exception, on_fit_end, on_fit_start, on_train_log" in result.output
     assert "options: bar: auto|on|off = 'auto'; refresh_per_second: float = 10.0" in result.output
     assert "broken  (broken-dist)  broken_plugin:Broken" in result.output
@@ -92,7 +92,7 @@ def test_plugins_lists_hooks_options_and_shows_broken_rows(fake_entry_points):
 def test_models_and_datasets_list_without_importing(fake_entry_points):
     fake_entry_points("odd-dist", {"trainer.models": {"odd": "odd_model_module_that_does_not_exist:build"}})
     result = invoke("models")
-    assert "smallcnn  (trainer-core)  plugins.models.smallcnn:build" in result.output
+    assert "smallcnn  (trainer-core)  trainer_core_plugins.models.smallcnn:build" in result.output
     assert "odd  (odd-dist)  odd_model_module_that_does_not_exist:build" in result.output
     assert "digits  (trainer-core)" in invoke("datasets").output
 
@@ -156,7 +156,7 @@ def test_listing_plugins_does_not_import_torch():
 def test_warnings_are_prefixed_lines_on_stderr(tmp_path):
     import torch
 
-    from plugins.models.mlp import build
+    from trainer_core_plugins.models.mlp import build
 
     torch.save(build((1, 8, 8), 10).state_dict(), tmp_path / "ten-classes.pt")
     result = trainer_process("run", *FAST, "-q", "--run-dir", "r", "--model", "mlp",

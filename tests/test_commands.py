@@ -98,7 +98,7 @@ def test_eval_errors_are_one_line(trained: dict, tmp_path: Path) -> None:
 
 def write_digit_images(folder: Path, count: int) -> tuple[list[Path], torch.Tensor]:
     """The first validation digits as 8x8 grayscale PNG files, and their tensors."""
-    from plugins.datasets.digits import load
+    from trainer_core_plugins.datasets.digits import load
 
     inputs = load().val.inputs[:count]
     paths = []
@@ -185,7 +185,7 @@ def test_export_loads_with_plain_torch_and_gives_the_same_outputs(trained: dict,
     code, text = invoke("export", "--checkpoint", trained["checkpoint"], "--format", fmt, "--output", output)
     assert code == 0, text
     assert text.startswith(f"wrote {output} ({fmt}) from {trained['checkpoint']}")
-    from plugins.datasets.digits import load
+    from trainer_core_plugins.datasets.digits import load
 
     inputs = load().val.inputs[:7]  # in [0, 1]: the exported model normalises itself
     torch.save(inputs, tmp_path / "inputs.pt")
@@ -333,7 +333,7 @@ def test_export_onnx_when_the_onnx_package_is_installed(trained: dict, tmp_path:
     assert code == 0, text
     document = onnx.load(str(output))
     assert json.loads({p.key: p.value for p in document.metadata_props}["trainer.json"])["classes"] == list("0123456789")
-    from plugins.datasets.digits import load
+    from trainer_core_plugins.datasets.digits import load
 
     inputs = load().val.inputs[:5]
     got = ReferenceEvaluator(document).run(None, {"images": inputs.numpy()})[0]
@@ -416,7 +416,7 @@ def test_predict_prepares_files_with_the_datasets_own_validation_transforms(tmp_
 
 
 def test_eval_does_not_need_the_initial_weights_a_run_started_from(tmp_path: Path) -> None:
-    from plugins.models.mlp import build
+    from trainer_core_plugins.models.mlp import build
 
     torch.save(build((1, 8, 8), 3, hidden=8).state_dict(), tmp_path / "init.pt")
     config = RunConfig(model="mlp", dataset="fake", epochs=1, plugins={}, device="cpu", run_dir=str(tmp_path / "run"),

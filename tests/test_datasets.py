@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from plugins.datasets import cifar10, imagefolder, mnist
+from trainer_core_plugins.datasets import cifar10, imagefolder, mnist
 from trainer_core import UsageError
 from trainer_core.cli import make_cli
 from trainer_core.data import Batches, TensorSplit

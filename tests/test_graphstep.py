@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from plugins.models.smallcnn import build as build_smallcnn
-from plugins.steplr import StepLR
+from trainer_core_plugins.models.smallcnn import build as build_smallcnn
+from trainer_core_plugins.steplr import StepLR
 from test_resume import Kill, Logs, assert_same_run, plugins
 from trainer_core import RunConfig, Trainer, hookimpl, load_checkpoint
 from trainer_core.checkpointing import find_checkpoint

@@ -22,8 +22,8 @@ from torch import nn
 # captured on a side stream.  (Set at collection, before any test touches CUDA.)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from plugins.models.convnet import build as build_convnet  # noqa: E402
-from plugins.steplr import StepLR  # noqa: E402
+from trainer_core_plugins.models.convnet import build as build_convnet  # noqa: E402
+from trainer_core_plugins.steplr import StepLR  # noqa: E402
 from test_graphstep import Seen, StepLosses, uint8_images  # noqa: E402
 from trainer_core import hookimpl  # noqa: E402
 from trainer_core.graphstep import GraphStep  # noqa: E402

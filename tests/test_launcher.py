@@ -206,7 +206,7 @@ def test_processes_stop_when_their_launcher_is_killed(tmp_path: Path, started: l
 # -- 1: the working directory ---------------------------------------------------------------
 
 # Modules the processes import, or used to import from the working directory: each leaves a mark.
-SHADOWS = {"plugins/__init__.py": "plugins", "pluggy.py": "pluggy", "typing_extensions.py": "typing_extensions"}
+SHADOWS = {"plugins/__init__.py": "plugins", "trainer_core_plugins/__init__.py": "trainer_core_plugins", "pluggy.py": "pluggy", "typing_extensions.py": "typing_extensions"}
 
 
 def shadowing_folder(folder: Path) -> Path:

@@ -81,7 +81,7 @@ def test_mixed_precision_trains(precision):
 
 
 def test_channels_last_trains_a_cnn():
-    from plugins.models.smallcnn import build
+    from trainer_core_plugins.models.smallcnn import build
 
     data = tiny_data(shape=(3, 8, 8))
     trainer = run_tiny(model=build((3, 8, 8), 3, width=4), data=data, channels_last=True)

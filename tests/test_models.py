@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from plugins.models import convnet, mlp, torchvision_models
+from trainer_core_plugins.models import convnet, mlp, torchvision_models
 from trainer_core import UsageError
 from trainer_core.checkpointing import save_checkpoint
 from trainer_core.cli import make_cli
@@ -146,7 +146,7 @@ def test_model_option_errors_on_the_command_line(tmp_path: Path) -> None:
 
 
 def test_smallcnn_starts_from_another_runs_weights_with_a_new_head(tmp_path):
-    from plugins.models.smallcnn import build
+    from trainer_core_plugins.models.smallcnn import build
 
     source = build((1, 8, 8), 10)
     torch.save(source.state_dict(), tmp_path / "digits.pt")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from plugins.datasets import fake_multilabel, pydoc_chars, tabular
+from trainer_core_plugins.datasets import fake_multilabel, pydoc_chars, tabular
 
 # -- diabetes and breast cancer (scikit-learn's bundled tables) -------------------------
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from plugins.checkpoint import Checkpoint
+from trainer_core_plugins.checkpoint import Checkpoint
 from trainer_core import UsageError, hookimpl, load_checkpoint, load_weights
 from trainer_core.cli import make_cli
 from trainer_core.testing import run_tiny, tiny_model
@@ -259,7 +259,7 @@ def test_the_end_save_comes_before_other_plugins_change_the_weights(tmp_path: Pa
 
 @pytest.mark.parametrize("checkpoint_first", [True, False])
 def test_state_is_in_every_checkpoint_with_the_other_plugins(tmp_path: Path, checkpoint_first: bool) -> None:
-    from plugins.steplr import StepLR
+    from trainer_core_plugins.steplr import StepLR
 
     plugins = {"checkpoint": Checkpoint(), "steplr": StepLR(step_size=1, gamma=0.5)}
     if not checkpoint_first:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from plugins.class_accuracy import ClassAccuracy
+from trainer_core_plugins.class_accuracy import ClassAccuracy
 from trainer_core import UsageError, metric_keys
 from trainer_core.checkpointing import load_checkpoint
 from trainer_core.cli import make_cli

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from plugins.early_stopping import EarlyStopping
+from trainer_core_plugins.early_stopping import EarlyStopping
 from trainer_core import RunConfig, Trainer, UsageError, load_checkpoint
 from trainer_core.cli import make_cli
 from trainer_core.testing import run_tiny, tiny_data, tiny_model
@@ -164,7 +164,7 @@ def test_state_for_another_metric_is_ignored_on_resume(caplog: pytest.LogCapture
 
 
 def test_restoring_twice_with_the_checkpoint_plugin_is_refused(tmp_path: Path) -> None:
-    from plugins.checkpoint import Checkpoint
+    from trainer_core_plugins.checkpoint import Checkpoint
 
     plugins = {"checkpoint": Checkpoint(), "early-stopping": EarlyStopping(restore_best_weights=True)}
     with pytest.raises(UsageError, match="keep one: -o checkpoint.restore_best=false"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from plugins.freeze import Freeze
+from trainer_core_plugins.freeze import Freeze
 from trainer_core import UsageError
 from trainer_core.testing import run_tiny, tiny_data
 
@@ -160,7 +160,7 @@ def test_load_state_after_unfreezing_rebuilds_the_group() -> None:
 
 def test_works_on_a_model_from_the_registry() -> None:
     """The built-in smallcnn: its head is found and training still learns."""
-    from plugins.models.smallcnn import build
+    from trainer_core_plugins.models.smallcnn import build
 
     data = tiny_data(shape=(1, 8, 8))
     model = build(input_shape=(1, 8, 8), num_classes=3)
@@ -175,7 +175,7 @@ def test_works_on_a_model_from_the_registry() -> None:
 def test_a_head_tied_to_the_embedding_keeps_training_with_it() -> None:
     # tiny-gpt's head shares its weight with the token embedding: listed once, under the
     # embedding's name, it is still the head's, so it trains, and nothing else does.
-    from plugins.models.tiny_gpt import build
+    from trainer_core_plugins.models.tiny_gpt import build
     from trainer_core import DataBundle, TensorSplit
 
     tokens = torch.randint(0, 11, (32, 9), generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from plugins.progress import Progress
+from trainer_core_plugins.progress import Progress
 from trainer_core.distributed import is_rank_zero_only
 from trainer_core.testing import run_tiny
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from plugins.steplr import StepLR
+from trainer_core_plugins.steplr import StepLR
 from trainer_core.cli import make_cli
 from trainer_core.testing import HookRecorder, run_tiny, tiny_data
 

@@ -25,8 +25,8 @@ from tensorboard.util import tensor_util
 from torch import nn
 from torch.utils.tensorboard.summary import compute_curve
 
-from plugins.class_accuracy import ClassAccuracy
-from plugins.tensorboard import PR_THRESHOLDS, TensorBoard
+from trainer_core_plugins.class_accuracy import ClassAccuracy
+from trainer_core_plugins.tensorboard import PR_THRESHOLDS, TensorBoard
 from trainer_core import PluginError, UsageError, hookimpl
 from trainer_core.cli import make_cli
 from trainer_core.data import DataBundle, TensorSplit
@@ -178,7 +178,7 @@ def test_pr_curves_use_true_labels_not_predictions(tmp_path: Path) -> None:
 
 def test_importing_the_plugins_does_not_import_torch() -> None:
     # `trainer plugins` and `trainer --help` import plugin modules: they must stay fast.
-    code = "import sys, plugins.tensorboard, plugins.class_accuracy; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorboard')))"
+    code = "import sys, trainer_core_plugins.tensorboard, trainer_core_plugins.class_accuracy; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorboard')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 

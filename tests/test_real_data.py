@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from plugins.datasets.mnist import FASHION_MNIST, find_files
+from trainer_core_plugins.datasets.mnist import FASHION_MNIST, find_files
 from trainer_core.cli import make_cli
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

@@ -72,7 +72,7 @@ def load_helper():  # type: ignore[no-untyped-def]
 
 
 def test_the_transfer_stages_fit_together() -> None:
-    from plugins.datasets.mnist import FASHION_MNIST
+    from trainer_core_plugins.datasets.mnist import FASHION_MNIST
 
     helper = load_helper()
     pretrain = load_config(SOURCE_RECIPES / "fashion-mnist-transfer-pretrain.toml")
@@ -89,7 +89,7 @@ def test_the_transfer_stages_fit_together() -> None:
 def test_transfer_helper_exports_png_folders(tmp_path: Path) -> None:
     from PIL import Image
 
-    from plugins.datasets.imagefolder import load as load_folder
+    from trainer_core_plugins.datasets.imagefolder import load as load_folder
     from test_datasets import write_idx_dataset  # tests/ is on sys.path (pytest prepends it)
 
     arrays = write_idx_dataset(tmp_path / "idx", train=60, val=40)

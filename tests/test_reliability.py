@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from plugins.checkpoint import Checkpoint
-from plugins.steplr import StepLR
+from trainer_core_plugins.checkpoint import Checkpoint
+from trainer_core_plugins.steplr import StepLR
 from trainer_core import RunConfig, Trainer, UsageError, hookimpl, load_checkpoint
 from trainer_core.checkpointing import find_checkpoint
 from trainer_core.rundir import RunDir
@@ -678,8 +678,8 @@ def test_any_option_text_is_accepted_or_one_usage_error() -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from plugins.datasets.fake import load as fake
-    from plugins.models.smallcnn import build as smallcnn
+    from trainer_core_plugins.datasets.fake import load as fake
+    from trainer_core_plugins.models.smallcnn import build as smallcnn
     from trainer_core import UsageError
     from trainer_core.config import resolve_config
     from trainer_core.options import bind_options

@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from plugins.checkpoint import Checkpoint
-from plugins.freeze import Freeze
-from plugins.steplr import StepLR
+from trainer_core_plugins.checkpoint import Checkpoint
+from trainer_core_plugins.freeze import Freeze
+from trainer_core_plugins.steplr import StepLR
 from test_plugin_checkpoint import Scripted
 from test_reliability import PoisonStep
 from trainer_core import RunConfig, Trainer, hookimpl, load_checkpoint
@@ -254,7 +254,7 @@ def test_checkpoint_of_another_class_count_names_the_keys(tmp_path: Path) -> Non
 
 def test_tensorboard_training_accuracy_is_exact_across_a_mid_interval_resume(tmp_path: Path) -> None:
     """Saved at step 4 of the logging interval 4-6: the counts of step 4 travel in the checkpoint."""
-    from plugins.tensorboard import TensorBoard
+    from trainer_core_plugins.tensorboard import TensorBoard
     from test_plugin_tensorboard import read_events, scalars
 
     def board() -> dict[str, object]:

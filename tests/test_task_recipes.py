@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from plugins.datasets import pydoc_chars
+from trainer_core_plugins.datasets import pydoc_chars
 from trainer_core.cli import make_cli
 from trainer_core.config import load_config
 from trainer_core.recipes import find_recipe

@@ -227,7 +227,7 @@ def diabetes_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_regression_predictions_are_in_the_targets_units(diabetes_run: Path, tmp_path: Path) -> None:
-    from plugins.datasets.tabular import diabetes_split
+    from trainer_core_plugins.datasets.tabular import diabetes_split
 
     _, _, x_val, y_val = diabetes_split()
     rows = tmp_path / "patients.csv"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from plugins.models import tiny_gpt
+from trainer_core_plugins.models import tiny_gpt
 
 BLOCK, VOCAB = 16, 11
 

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from plugins.datasets import cifar10
+from trainer_core_plugins.datasets import cifar10
 from test_datasets import write_cifar, write_image_tree
 from trainer_core import UsageError
 from trainer_core.cli import make_cli

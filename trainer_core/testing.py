@@ -41,7 +41,7 @@ def tiny_data(
     num_classes: int = 3, train_size: int = 48, val_size: int = 24, shape: tuple[int, ...] = (1, 4, 4), seed: int = 0
 ) -> DataBundle:
     """A synthetic dataset a linear model learns in a few steps."""
-    from plugins.datasets.fake import load
+    from trainer_core_plugins.datasets.fake import load
 
     return load(
         num_classes=num_classes, train_size=train_size, val_size=val_size, channels=shape[0],

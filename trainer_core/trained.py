@@ -220,7 +220,7 @@ def evaluate(trained: Trained, split: str, device: str, batch_size: int | None,
 
     :return: the metrics and the plugin (for its confusion matrix and table), or ``None``.
     """
-    from plugins.class_accuracy import ClassAccuracy
+    from trainer_core_plugins.class_accuracy import ClassAccuracy
     from trainer_core.data import DataBundle
     from trainer_core.trainer import Trainer
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from plugins.datasets.downloads import torchvision_download
+from trainer_core_plugins.datasets.downloads import torchvision_download
 from trainer_core import DataBundle, TensorSplit, UsageError
 
 FOLDER = "cifar-10-batches-py"

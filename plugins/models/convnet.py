@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugins.models.weights import load_local
+from trainer_core_plugins.models.weights import load_local
 
 MIN_SIDE = 16  # two 5x5 convolutions and two 2x2 poolings leave at least 1x1
 

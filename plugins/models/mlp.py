@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from plugins.models.weights import load_local
+from trainer_core_plugins.models.weights import load_local
 
 
 class MLP(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from plugins.models.weights import load_local
+from trainer_core_plugins.models.weights import load_local
 
 
 class SmallCNN(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from plugins.models.weights import load_local
+from trainer_core_plugins.models.weights import load_local
 
 
 class CausalSelfAttention(nn.Module):

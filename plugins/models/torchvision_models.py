@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from plugins.models.weights import load_into
+from trainer_core_plugins.models.weights import load_into
 from trainer_core import UsageError, did_you_mean
 
 
