@@ -12,7 +12,9 @@ on the timeout).
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +30,7 @@ from trainer_core.cli import make_cli
 from trainer_core.data import Batches, TensorSplit
 from trainer_core.errors import UsageError
 from trainer_core.fsdp import shard_units
-from trainer_core.sharded import drop_stale_shards, resolve_shards, shards_root
+from trainer_core.sharded import drop_stale_shards, read_model_shards, read_shards, resolve_shards, shards_root, write_shards
 from trainer_core.testing import write_fake_distribution
 
 # Saves every rank's whole weights at the end (gathered from the shards under FSDP).
@@ -258,7 +260,7 @@ def test_a_model_names_its_own_blocks() -> None:
     model = Tied()
     model.shard_blocks = [model.blocks[0]]  # type: ignore[assignment]
     assert shard_units(model) == [model.blocks[0]]
-    from plugins.models.tiny_gpt import build
+    from trainer_core_plugins.models.tiny_gpt import build
 
     gpt = build(input_shape=(16,), num_classes=12, width=16, depth=2, heads=2)
     assert shard_units(gpt) == list(gpt.blocks)
@@ -296,6 +298,80 @@ def test_shards_named_by_a_checkpoint_must_be_a_folder_of_ours(tmp_path: Path) -
     (shards_root(checkpoint) / "fedcba9876543210").mkdir(parents=True)  # a save that never finished
     with pytest.raises(UsageError, match="is incomplete"):
         resolve_shards(checkpoint, "fedcba9876543210")
+
+
+class Trap:
+    """Unpickled with plain pickle, it creates the file ``path``: the mark of code a file chose to run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def saved_shards(tmp_path: Path) -> Path:
+    """A real DCP shards folder (one process) of a weight and an optimizer setting (a non-tensor entry)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        write_shards(tmp_path / "last.pt", "0123456789abcdef", {"model": {"w": torch.arange(4.0)},
+                                                                 "optim": {"param_groups": [{"lr": 0.25}]}})
+    return shards_root(tmp_path / "last.pt") / "0123456789abcdef"
+
+
+def wanted() -> dict[str, Any]:
+    return {"model": {"w": torch.zeros(4)}, "optim": {"param_groups": [{"lr": 0.0}]}}
+
+
+def rewrite_metadata(folder: Path, change: Any) -> None:
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # (the test's own file)
+    change(metadata)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def test_shards_read_back_as_written(tmp_path: Path) -> None:
+    state = wanted()
+    read_shards(saved_shards(tmp_path), state)
+    assert torch.equal(state["model"]["w"], torch.arange(4.0)) and state["optim"]["param_groups"] == [{"lr": 0.25}]
+
+
+def test_shards_metadata_that_names_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    folder = saved_shards(tmp_path)
+    mark = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(Trap(mark)))
+    for read in (lambda: read_shards(folder, wanted()), lambda: read_model_shards(folder, {"w": torch.zeros(4)})):
+        with pytest.raises(UsageError, match=r"is not DCP metadata this trainer reads: it names [\w.]*open,"):
+            read()
+    assert not mark.exists()
+
+
+def test_shards_metadata_cannot_point_outside_its_folder(tmp_path: Path) -> None:
+    folder = saved_shards(tmp_path)
+    (tmp_path / "__0_0.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())  # a readable file out there
+
+    def point_outside(metadata: Any) -> None:
+        for info in metadata.storage_data.values():
+            info.relative_path = "../../__0_0.distcp"
+    rewrite_metadata(folder, point_outside)
+    with pytest.raises(UsageError, match=r"lists data that is not a shard file of its folder: '../../__0_0.distcp'"):
+        read_shards(folder, wanted())
+
+
+def test_a_non_tensor_entry_of_the_shards_loads_as_data_only(tmp_path: Path) -> None:
+    folder = saved_shards(tmp_path)
+    mark = tmp_path / "ran"
+    payload = tmp_path / "payload"
+    torch.save(Trap(mark), payload)
+    (folder / "__0_1.distcp").write_bytes(payload.read_bytes())
+
+    def point_settings_at_payload(metadata: Any) -> None:
+        for index, info in metadata.storage_data.items():
+            if index.fqn.startswith("optim."):
+                info.relative_path, info.offset, info.length = "__0_1.distcp", 0, payload.stat().st_size
+    rewrite_metadata(folder, point_settings_at_payload)
+    with pytest.raises(UsageError, match=r"the shards in .* cannot be read into this model: .*Weights only load failed"):
+        read_shards(folder, wanted())
+    assert not mark.exists()
 
 
 def test_removing_a_checkpoint_removes_only_the_shards_folders_it_wrote(tmp_path: Path) -> None:

@@ -9,11 +9,20 @@ A save writes a new ``<token>`` folder and only then replaces ``last.pt``, so
 the file on disk always names complete shards; folders it no longer names are
 removed afterwards.  DCP reads them in any number of processes (resharding as
 needed), and in a single process as whole tensors.
+
+The files are read as data only.  DCP itself would unpickle ``.metadata`` and the
+non-tensor entries (the optimizer's settings) with plain ``pickle``, which runs
+whatever code a crafted file names, and would open any path a file lists: here
+``.metadata`` is unpickled with only DCP's own record types allowed, every data
+file it lists must be a name DCP writes in the same folder, and the other entries
+load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -29,6 +38,7 @@ if TYPE_CHECKING:
 SUFFIX = ".shards"
 METADATA = ".metadata"  # what DCP writes last: a folder without it is incomplete
 _TOKEN = re.compile(r"[0-9a-f]{16}")
+_DATA_FILE = re.compile(r"__\d+_\d+\.distcp")  # DCP's data files: __<rank>_<writer>.distcp
 
 
 def shards_root(path: Path) -> Path:
@@ -100,30 +110,104 @@ def check_layout(payload: Mapping[str, Any], sharding: bool) -> None:
                          "that wrote it, or start from its weights with -o model.weights=PATH")
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata``: its record types, tensor sizes, dtypes and layouts, nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import torch
+        import torch.distributed.checkpoint.metadata as records
+
+        if module == records.__name__ and isinstance(getattr(records, name, None), type):
+            return getattr(records, name)
+        if (module, name) in (("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                              ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP's metadata never holds")
+
+
+def _metadata(folder: Path) -> Any:
+    """The DCP metadata of ``folder``, read as data and checked (see the module's docstring)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    where = folder / METADATA
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(where.read_bytes())).load()
+    except Exception as exc:
+        raise UsageError(f"the shards' {where} is not DCP metadata this trainer reads: {exc}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise UsageError(f"the shards' {where} is not DCP metadata this trainer reads")
+    for info in metadata.storage_data.values():
+        if not (isinstance(info, _StorageInfo) and isinstance(info.relative_path, str)
+                and _DATA_FILE.fullmatch(info.relative_path) and not info.transform_descriptors
+                and all(isinstance(n, int) and n >= 0 for n in (info.offset, info.length))):
+            raise UsageError(f"the shards' {where} lists data that is not a shard file of its folder: "
+                             f"{getattr(info, 'relative_path', info)!r}")
+    return metadata
+
+
+def _reader(folder: Path) -> Any:
+    """A DCP reader of ``folder`` that gives DCP the metadata :func:`_metadata` read."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    metadata = _metadata(folder)
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata.storage_meta = StorageMeta(load_id=self.load_id)
+            return metadata
+
+    return Reader(folder)
+
+
+def _planner() -> Any:
+    """DCP's default plan, with the non-tensor entries (the optimizer's settings) loaded as data only."""
+    import torch
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+            loaded = torch.load(value, weights_only=True)  # (DCP's own: weights_only=False, any code a file names)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return Planner()
+
+
 def read_shards(folder: Path, state: dict[str, Any]) -> None:
     """Fill ``state`` (tensors of the wanted shapes, sharded or whole) from the
     shards in ``folder``, in place.  Under a process group every rank calls it;
     in one process it reads whole tensors."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from trainer_core.distributed import is_initialized
 
+    reader = _reader(folder)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=folder, no_dist=not is_initialized())
-    except Exception as exc:  # DCP wraps a rank's failure in its own exception types
+            dcp.load(state, storage_reader=reader, planner=_planner(), no_dist=not is_initialized())
+    except (Exception, CheckpointException) as exc:  # (a BaseException: DCP's wrapper of every rank's failure)
+        if isinstance(exc, CheckpointException) and exc.failures:
+            exc = next(iter(exc.failures.values()))[0]
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"the shards in {folder} do not fit this model: {first[:300]}") from None
+        raise UsageError(f"the shards in {folder} cannot be read into this model: {first[:300]}") from None
 
 
 def read_model_shards(folder: Path, own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The saved model weights in ``folder`` as whole tensors, for a model whose state dict
     is ``own``: those that fit are read; any other is a ``meta`` tensor of its saved shape."""
     import torch
-    from torch.distributed.checkpoint import FileSystemReader
 
-    saved = {key[len("model."):]: meta for key, meta in FileSystemReader(folder).read_metadata().state_dict_metadata.items()
+    saved = {key[len("model."):]: meta for key, meta in _metadata(folder).state_dict_metadata.items()
              if key.startswith("model.") and hasattr(meta, "size")}
     fits = {k: torch.empty_like(own[k], device="cpu") for k, meta in saved.items() if k in own and tuple(meta.size) == own[k].shape}
     read_shards(folder, {"model": fits})
