@@ -20,7 +20,7 @@ import pluggy
 from trainer_core import __version__
 from trainer_core.commands import add_commands
 from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, TASKS, Entry, Registry, conflict_message
-from trainer_core.errorreport import debug_option, reports_errors
+from trainer_core.errorreport import closed_output_exits, debug_option, reports_errors
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.pluginmanager import check_plugin, implemented_hooks, make_plugin_manager
 
@@ -81,15 +81,16 @@ def one_line_usage_errors() -> Iterator[None]:
 
 
 class TrainerGroup(click.Group):
-    """The ``trainer`` group: command-line mistakes are one line, like every other error."""
+    """The ``trainer`` group: command-line mistakes are one line, like every other error,
+    and output into a closed pipe (``trainer --help | head -1``) ends quietly."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
-        with one_line_usage_errors():
+        with closed_output_exits(), one_line_usage_errors():
             return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx: click.Context) -> Any:
-        with one_line_usage_errors():
+        with closed_output_exits(), one_line_usage_errors():
             return super().invoke(ctx)
 
 

@@ -3,9 +3,11 @@ exit status, or the full traceback with ``--debug`` (or ``TRAINER_DEBUG=1``)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 import click
 
@@ -25,6 +27,8 @@ def reports_errors(command: F) -> F:
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except BrokenPipeError:
+            output_closed()
         except TrainerError as exc:
             if debug:
                 raise
@@ -42,6 +46,29 @@ def reports_errors(command: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+# What a shell reports for a program that SIGPIPE ended (128 + 13), as `yes | head -1` gives.
+CLOSED_PIPE_STATUS = 141
+
+
+def output_closed() -> NoReturn:
+    """The reader of our output has gone (``trainer plugins | head -1``): stop as
+    Unix tools do there, without a message, exit status 141.  Python ignores SIGPIPE,
+    so a write raised ``BrokenPipeError``; what is still buffered for stdout goes to
+    the null device, or the flush at exit would fail on the closed pipe again."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(CLOSED_PIPE_STATUS)
+
+
+@contextlib.contextmanager
+def closed_output_exits() -> Iterator[None]:
+    """Call :func:`output_closed` when the body writes to a closed pipe."""
+    try:
+        yield
+    except BrokenPipeError:
+        output_closed()
 
 
 def echo_error(message: str, exc: BaseException) -> None:
