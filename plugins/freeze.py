@@ -3,17 +3,18 @@ optionally unfreeze it later at a lower learning rate."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
-from trainer_core import UsageError, did_you_mean, hookimpl
+from trainer_core import UsageError, did_you_mean, hookimpl, loaded_weights
+from trainer_core_plugins.models.weights import find_head
+
+log = logging.getLogger("trainer_core")
 
 if TYPE_CHECKING:
     from torch import nn
 
     from trainer_core import Trainer
-
-HEAD_NAMES = ("fc", "classifier", "head")
-
 
 class Freeze:
     """Freezes the model except its classifier head (or the modules you name).
@@ -80,6 +81,7 @@ class Freeze:
         named_ids = {id(p) for n in named for p in modules[n].parameters()}
         # Only what trains now is frozen (and later unfrozen), in model.parameters() order.
         self.frozen_params = [p for p in model.parameters() if p.requires_grad and (id(p) in named_ids) == bool(self.freeze)]
+        _check_loaded(model, {id(p) for p in self.frozen_params})
         for param in self.frozen_params:
             param.requires_grad_(False)
         self.frozen_bn = [m for n, m in modules.items() if _is_batchnorm(m) and is_frozen(n)]
@@ -139,17 +141,27 @@ def _is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, _BatchNorm)
 
 
+def _check_loaded(model: nn.Module, frozen: set[int]) -> None:
+    """Refuse to freeze parameters the starting weights did not provide: they would stay random for good."""
+    record = loaded_weights(model)
+    if record is None:
+        if frozen:
+            log.warning("freeze: the model was built without starting weights (model.weights), so the frozen "
+                        "layers keep their random initialisation")
+        return
+    fresh = [name for name, p in model.named_parameters() if id(p) in frozen and name in record.unloaded]
+    if fresh:
+        raise UsageError(f"freeze: {', '.join(fresh[:4])}{' ...' if len(fresh) > 4 else ''} were not loaded from "
+                         f"{record.source} (random initialisation) and would be frozen; keep them trainable "
+                         f"(-o freeze.train=...) or start from weights that have them")
+
+
 def _find_head(model: nn.Module) -> str:
     """The head's module name: ``fc``, ``classifier``, ``head``, or the last ``Linear``."""
-    from torch import nn
-
-    for name in HEAD_NAMES:
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
+    name = find_head(model)
+    if name is None:
         raise UsageError(
             "freeze: cannot find the model's head (no 'fc', 'classifier', 'head' or Linear layer); "
             "name the modules to train with -o freeze.train=NAME"
         )
-    return linears[-1]
+    return name

@@ -61,6 +61,8 @@ _LAZY = {
     "metric_keys": "trainer_core.metrics",
     "atomic_write_bytes": "trainer_core.files",
     "did_you_mean": "trainer_core.suggest",
+    "loaded_weights": "trainer_core.transfer",
+    "LoadedWeights": "trainer_core.transfer",
 }
 
 __all__ = ["PluginError", "TrainerError", "UsageError", "hookimpl", "hookspec", "make_plugin_manager", "rank_zero_only",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
     from trainer_core.runner import build_run
     from trainer_core.state import TrainState
     from trainer_core.suggest import did_you_mean
+    from trainer_core.transfer import LoadedWeights, loaded_weights
     from trainer_core.task import Task, metric_mode
     from trainer_core.trainer import Trainer
 

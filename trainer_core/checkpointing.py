@@ -186,8 +186,14 @@ def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> li
 
     Keys whose shape does not match the model (a new classifier head) or that
     the model lacks are skipped and returned; the rest are loaded.  Missing
-    every key means the file is for another model: that is an error.
+    every key means the file is for another model: that is an error.  A grey
+    model's first convolution is adapted to an RGB one (and the reverse); what
+    was loaded, adapted and left fresh is recorded on the model with the input
+    normalisation our checkpoints carry (:func:`~trainer_core.loaded_weights`).
     """
+    from trainer_core.transfer import LoadedWeights, Normalization, adapt_input_channels, record_loaded
+
+    normalization = None
     if isinstance(source, Mapping):
         weights = source
         where = "the given state dict"
@@ -195,12 +201,15 @@ def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> li
         payload = load_checkpoint(Path(source))
         is_ours = isinstance(payload.get("model"), Mapping) or payload.get("shards") is not None
         weights = checkpoint_weights(payload, model) if is_ours else payload
+        normalization = Normalization.read(payload.get("normalization")) if is_ours else None
         where = str(source)
     own = model.state_dict()
-    usable = {k: v for k, v in weights.items() if k in own and getattr(v, "shape", None) == own[k].shape}
+    adapted = adapt_input_channels(own, weights)
+    usable = {k: v for k, v in {**weights, **adapted}.items() if k in own and getattr(v, "shape", None) == own[k].shape}
     skipped = sorted(k for k in weights if k not in usable)
     if not usable:
         sample = ", ".join(skipped[:3])
         raise UsageError(f"no weights in {where} fit this model (first keys: {sample}); was it saved from another model?")
     model.load_state_dict(usable, strict=False)
+    record_loaded(model, LoadedWeights(where, [k for k in own if k not in usable], sorted(adapted), normalization))
     return skipped

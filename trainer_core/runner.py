@@ -28,6 +28,7 @@ from trainer_core.sharded import check_layout
 from trainer_core.strategy import check_strategy
 from trainer_core.task import check_fit, load_task, task_name
 from trainer_core.trainer import Trainer
+from trainer_core.transfer import warn_on_normalization
 
 
 def load_plugins(pm: pluggy.PluginManager, wanted: Mapping[str, Mapping[str, Any]]) -> None:
@@ -110,6 +111,8 @@ def build_run(
     config.task = task.name  # recorded, so eval, predict and export rebuild the same task
     seed_everything(config.seed)
     model = build_model(config.model, config.model_options, data, task.output_size(data))
+    if resume is None and rank() == 0:  # (a resumed run was told when it started)
+        warn_on_normalization(model, data)
     if resume is not None:
         check_layout(resume, config.strategy == "fsdp")
     if resume is not None and isinstance(resume.get("model"), Mapping):

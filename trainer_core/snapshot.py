@@ -37,9 +37,12 @@ class Checkpoints(PluginAPI):
             other than zero start fresh streams on resume."""
         plugins = call_each(self.pm, "plugin_state_dict", trainer=self)
         whole = not self.strategy.shards_parameters
+        from trainer_core.transfer import Normalization  # what inputs the weights expect, for a run that starts from them
+
         return {
             "format": FORMAT,
             "trainer_core": __version__,
+            "normalization": Normalization.of(self.data).to_dict(),
             "model": self.model.state_dict() if whole else None,
             "optimizer": self.optimizer.state_dict() if whole and self.optimizer is not None else None,
             "plugins": {name: state for name, state in plugins.items() if state is not None},

@@ -41,12 +41,15 @@ def _side_after(side: int) -> int:
 
 
 def build(
-    input_shape: tuple[int, ...], num_classes: int, hidden1: int = 220, hidden2: int = 184, weights: str | None = None
+    input_shape: tuple[int, ...], num_classes: int, hidden1: int = 220, hidden2: int = 184, weights: str | None = None,
+    strict: bool = True,
 ) -> nn.Module:
     """:param hidden1: width of the first fully connected layer (the seed chose 220).
     :param hidden2: width of the second (the seed chose 184).
     :param weights: a state dict, checkpoint or run folder to start from; layers
-        of another shape (a head for another class count) start fresh."""
+        of another shape (a head for another class count) start fresh.
+    :param strict: with ``weights``, any tensor outside the head that does not fit is an
+        error; ``false`` lets such layers start fresh instead (with a warning)."""
     if len(input_shape) != 3:
         raise ValueError(f"convnet needs images (channels x height x width), got input shape {tuple(input_shape)}")
     if min(input_shape[1:]) < MIN_SIDE:
@@ -57,5 +60,5 @@ def build(
             raise ValueError(f"{name} must be >= 1 (got {value})")
     model = ConvNet(tuple(input_shape), num_classes, hidden1, hidden2)
     if weights is not None:
-        load_local(model, "convnet", weights)
+        load_local(model, "convnet", weights, strict)
     return model

@@ -24,13 +24,16 @@ class MLP(nn.Module):
         return self.l2(self.relu(self.l1(x.flatten(1))))
 
 
-def build(input_shape: tuple[int, ...], num_classes: int, hidden: int = 100, weights: str | None = None) -> nn.Module:
+def build(input_shape: tuple[int, ...], num_classes: int, hidden: int = 100, weights: str | None = None,
+          strict: bool = True) -> nn.Module:
     """:param hidden: width of the hidden layer (the seed chose 100).
     :param weights: a state dict, checkpoint or run folder to start from; layers
-        of another shape (a head for another class count) start fresh."""
+        of another shape (a head for another class count) start fresh.
+    :param strict: with ``weights``, any tensor outside the head that does not fit is an
+        error; ``false`` lets such layers start fresh instead (with a warning)."""
     if hidden < 1:
         raise ValueError(f"hidden must be >= 1 (got {hidden})")
     model = MLP(math.prod(input_shape), hidden, num_classes)
     if weights is not None:
-        load_local(model, "mlp", weights)
+        load_local(model, "mlp", weights, strict)
     return model

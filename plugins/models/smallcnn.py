@@ -32,12 +32,15 @@ class SmallCNN(nn.Module):
 
 
 def build(
-    input_shape: tuple[int, ...], num_classes: int, width: int = 32, dropout: float = 0.25, weights: str | None = None
+    input_shape: tuple[int, ...], num_classes: int, width: int = 32, dropout: float = 0.25, weights: str | None = None,
+    strict: bool = True,
 ) -> nn.Module:
     """:param width: channels of the first convolution (the second has twice as many).
     :param dropout: dropout before the classifier's first layer.
     :param weights: a state dict, checkpoint or run folder to start from; layers
-        of another shape (a head for another class count) start fresh."""
+        of another shape (a head for another class count) start fresh.
+    :param strict: with ``weights``, any tensor outside the head that does not fit is an
+        error; ``false`` lets such layers start fresh instead (with a warning)."""
     if len(input_shape) != 3:
         raise ValueError(f"smallcnn needs images (channels x height x width), got input shape {tuple(input_shape)}; "
                          "use a model for such inputs, e.g. --model mlp")
@@ -47,5 +50,5 @@ def build(
         raise ValueError(f"dropout must be in [0, 1) (got {dropout})")
     model = SmallCNN(input_shape[0], num_classes, width=width, dropout=dropout)
     if weights is not None:
-        load_local(model, "smallcnn", weights)
+        load_local(model, "smallcnn", weights, strict)
     return model

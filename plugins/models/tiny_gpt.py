@@ -102,6 +102,7 @@ def build(
     heads: int = 4,
     dropout: float = 0.0,
     weights: str | None = None,
+    strict: bool = True,
 ) -> nn.Module:
     """A small causal transformer (GPT-style, pre-norm, tied input and output
     embeddings) for next-token prediction: its context length is the dataset's
@@ -114,6 +115,8 @@ def build(
     :param dropout: dropout on embeddings, attention weights and residual branches.
     :param weights: a state dict, checkpoint or run folder to start from; layers
         of another shape (embeddings for another vocabulary) start fresh.
+    :param strict: with ``weights``, any tensor outside the head that does not fit is an
+        error; ``false`` lets such layers start fresh instead (with a warning).
     """
     if len(input_shape) != 1 or input_shape[0] < 1:
         raise ValueError(f"tiny-gpt needs token sequences, input shape (block_size,) (got {tuple(input_shape)})")
@@ -126,5 +129,5 @@ def build(
         raise ValueError(f"dropout must be in [0, 1) (got {dropout})")
     model = TinyGPT(input_shape[0], num_classes, width, depth, heads, dropout)
     if weights is not None:
-        load_local(model, "tiny-gpt", weights)
+        load_local(model, "tiny-gpt", weights, strict)
     return model

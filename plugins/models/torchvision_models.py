@@ -17,13 +17,16 @@ from trainer_core_plugins.models.weights import load_into
 from trainer_core import UsageError, did_you_mean
 
 
-def build(input_shape: tuple[int, ...], num_classes: int, arch: str, weights: str | None = None) -> nn.Module:
+def build(input_shape: tuple[int, ...], num_classes: int, arch: str, weights: str | None = None,
+          strict: bool = True) -> nn.Module:
     """Any torchvision classification model, e.g. ``-o model.arch=mobilenet_v3_small``.
 
     :param arch: the model's name in ``torchvision.models`` (as ``torchvision.models.list_models()`` gives it).
     :param weights: ``imagenet`` (torchvision's pretrained weights, from the
         local torch hub cache), or a state dict, checkpoint or run folder; layers
         of another shape (the head) start fresh.
+    :param strict: with ``weights``, any tensor outside the head that does not fit is an
+        error; ``false`` lets such layers start fresh instead (with a warning).
     """
     import torchvision.models
 
@@ -36,21 +39,24 @@ def build(input_shape: tuple[int, ...], num_classes: int, arch: str, weights: st
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if weights == "imagenet":  # RGB weights: loaded before the first layer is adapted to the channels
         path = imagenet_file(arch)
-        load_into(model, torch.load(path, map_location="cpu", weights_only=True), origin=str(path))
+        load_into(model, torch.load(path, map_location="cpu", weights_only=True), origin=str(path), strict=strict)
     if input_shape[0] != 3:
         adapt_input_channels(model, input_shape[0])
     if weights is not None and weights != "imagenet":  # saved from a model already adapted like this one
-        load_into(model, weights)
+        load_into(model, weights, strict=strict)
     return model
 
 
-def build_resnet18(input_shape: tuple[int, ...], num_classes: int, weights: str | None = None) -> nn.Module:
+def build_resnet18(input_shape: tuple[int, ...], num_classes: int, weights: str | None = None,
+                   strict: bool = True) -> nn.Module:
     """ResNet-18 (the seed's transfer-learning model); the head is ``fc``.
 
     :param weights: ``imagenet`` (from the local torch hub cache), or a state
         dict, checkpoint or run folder; layers of another shape (the head) start fresh.
+    :param strict: with ``weights``, any tensor outside the head that does not fit is an
+        error; ``false`` lets such layers start fresh instead (with a warning).
     """
-    return build(input_shape, num_classes, arch="resnet18", weights=weights)
+    return build(input_shape, num_classes, arch="resnet18", weights=weights, strict=strict)
 
 
 def imagenet_file(arch: str) -> Path:

@@ -1,0 +1,81 @@
+"""Starting weights that cannot fail silently (issue 18, items 1 and 2): a grey
+first convolution adapted to RGB, any other misfit outside the head an error
+unless ``model.strict=false``, ``freeze`` refusing layers the weights did not
+provide, and the input normalisation carried from a checkpoint to the run that
+starts from it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trainer_core import UsageError, load_checkpoint, loaded_weights
+from trainer_core.cli import make_cli
+from trainer_core_plugins.models import smallcnn
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(make_cli(), ["run", "--epochs", "1", "-q", *args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run on grey digits (normalised with their mean and std) that keeps its best checkpoint."""
+    folder = tmp_path_factory.mktemp("pretrain") / "digits"
+    code, output = run("--model", "smallcnn", "--dataset", "digits", "--plugins", "checkpoint", "--run-dir", str(folder))
+    assert code == 0, output
+    return folder
+
+
+def test_grey_weights_adapt_to_an_rgb_model(digits_run: Path, caplog: pytest.LogCaptureFixture) -> None:
+    grey = smallcnn.build((1, 8, 8), 10, weights=str(digits_run))
+    with caplog.at_level(logging.WARNING, logger="trainer_core"):
+        rgb = smallcnn.build((3, 8, 8), 2, weights=str(digits_run))
+    assert "features.0.weight adapted from grey to RGB" in caplog.text
+    image = torch.rand(1, 1, 8, 8)  # a grey picture shown in RGB gets the grey model's response
+    assert torch.allclose(rgb.features[0](image.expand(1, 3, 8, 8)), grey.features[0](image), atol=1e-5)
+    record = loaded_weights(rgb)
+    assert record is not None and record.adapted == ["features.0.weight"]
+    assert record.unloaded == ["classifier.4.weight", "classifier.4.bias"]  # only the new head is fresh
+
+
+def test_a_misfit_outside_the_head_is_an_error_unless_not_strict(digits_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"do not fit this model outside its head: features\.0\.bias.*model\.strict=false"):
+        smallcnn.build((1, 8, 8), 10, width=16, weights=str(digits_run))
+    code, output = run("--model", "smallcnn", "--dataset", "digits", "-o", "model.width=16", "-o",
+                       f"model.weights={digits_run}", "--run-dir", str(tmp_path / "refused"))
+    assert code == 2 and output.startswith("error: weights from ") and "Traceback" not in output
+    assert not (tmp_path / "refused").exists()
+    loose = smallcnn.build((1, 8, 8), 10, width=16, weights=str(digits_run), strict=False)
+    record = loaded_weights(loose)
+    assert record is not None and "features.0.weight" in record.unloaded
+
+
+def test_freeze_refuses_layers_the_weights_did_not_provide(digits_run: Path, tmp_path: Path) -> None:
+    base = ["--model", "smallcnn", "--dataset", "digits", "--plugins", "freeze", "-o", f"model.weights={digits_run}"]
+    code, output = run(*base, "-o", "model.width=16", "-o", "model.strict=false", "--run-dir", str(tmp_path / "frozen"))
+    assert code == 2, output
+    assert "freeze: features.0.weight, features.0.bias" in output and "were not loaded from" in output
+    code, output = run(*base, "--run-dir", str(tmp_path / "fits"))  # every frozen layer loaded: runs
+    assert code == 0, output
+
+
+def test_checkpoints_record_the_input_normalisation(digits_run: Path, tmp_path: Path) -> None:
+    best = next((digits_run / "checkpoints").glob("best-*.pt"))
+    recorded = load_checkpoint(best)["normalization"]
+    assert len(recorded["mean"]) == 1 and 0.2 < recorded["mean"][0] < 0.4 and 0.3 < recorded["std"][0] < 0.5
+    # The same dataset: nothing said.  Another normalisation (fake images: none): one line.
+    code, output = run("--model", "smallcnn", "--dataset", "digits", "-o", f"model.weights={digits_run}",
+                       "--run-dir", str(tmp_path / "same"))
+    assert code == 0 and "normalisation" not in output, output
+    code, output = run("--model", "smallcnn", "--dataset", "fake", "-o", f"model.weights={digits_run}",
+                       "--run-dir", str(tmp_path / "other"))
+    assert code == 0, output
+    lines = [line for line in output.splitlines() if "were trained on inputs with" in line]
+    assert len(lines) == 1 and f"mean ({recorded['mean'][0]:.4g}) std ({recorded['std'][0]:.4g})" in lines[0]
+    assert "this run feeds them no normalisation" in lines[0]
