@@ -56,7 +56,7 @@ class TensorBoard:
         self,
         log_dir: Path | None = None,
         images: int = 64,
-        graph: bool = True,
+        graph: bool | None = None,
         train_accuracy: bool = False,
         pr_curves: bool = True,
         histogram_every_n_steps: int | None = 0,
@@ -65,7 +65,8 @@ class TensorBoard:
     ) -> None:
         """:param log_dir: where the event files go (default ``<run folder>/tensorboard``).
         :param images: how many images of the first validation batch to show; 0 for none.
-        :param graph: log the model graph (traced once on the first validation batch).
+        :param graph: log the model graph (traced once on the first validation batch); the
+            default, ``none``, logs it where it can be: not under ``--strategy fsdp``.
         :param train_accuracy: log ``train/acc``, the accuracy of each logging
             interval's training batches, as the seed's MNIST program did.  It
             costs a little every step (the batch's scores are held and counted
@@ -253,10 +254,10 @@ class TensorBoard:
         writer = self._writer(trainer)
         if self.images:
             self._log_images(trainer, writer, inputs[: self.images])
-        if self.graph and trainer.strategy.shards_parameters:
+        if self.graph and trainer.strategy.shards_parameters:  # (asked for: said why not)
             log.warning("tensorboard: no model graph under --strategy fsdp (tracing runs the model on rank zero alone, "
                         "and a sharded model runs on every rank together)")
-        elif self.graph:
+        elif self.graph or (self.graph is None and not trainer.strategy.shards_parameters):
             self._log_graph(trainer, writer, inputs[:1])
 
     def _count_pending(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import warnings
 import sys
@@ -25,13 +26,14 @@ from click.testing import CliRunner
 from tensorboard.backend.event_processing import event_accumulator
 from torch import nn
 
-from trainer_core.checkpointing import load_checkpoint, remove_checkpoint
+from trainer_core.checkpointing import load_checkpoint, newest_checkpoint, remove_checkpoint
 from trainer_core.cli import make_cli
 from trainer_core.data import Batches, TensorSplit
 from trainer_core.errors import UsageError
-from trainer_core.fsdp import shard_units
-from trainer_core.sharded import drop_stale_shards, read_model_shards, read_shards, resolve_shards, shards_root, write_shards
-from trainer_core.testing import write_fake_distribution
+from trainer_core.fsdp import FSDP, shard_units
+from trainer_core.sharded import (drop_stale_shards, own_digests, read_model_shards, read_shards, resolve_shards, shards_root,
+                                  unseen_shards, write_shards)
+from trainer_core.testing import run_tiny, write_fake_distribution
 
 # Saves every rank's whole weights at the end (gathered from the shards under FSDP).
 PROBE = '''
@@ -61,7 +63,7 @@ JOB = [
     "-o", "checkpoint.save_top_k=-1",
     # Frozen features join training at epoch 3: a sharded parameter's requires_grad changes mid-run.
     "--plugins", "freeze", "-o", "freeze.freeze=features", "-o", "freeze.unfreeze_at_epoch=3",
-    "--plugins", "tensorboard", "-o", "tensorboard.histogram_every_n_steps=12", "-o", "tensorboard.graph=false",
+    "--plugins", "tensorboard", "-o", "tensorboard.histogram_every_n_steps=12",
 ]
 # DDP and FSDP reduce the same gradients in another order (all-reduce vs reduce-scatter):
 # float32 rounding, amplified over 36 SGD steps with momentum, stays far below this.
@@ -97,6 +99,7 @@ def runs(site: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         done = launch(site, 2, [*JOB, "--strategy", strategy, "--epochs", "3", "--run-dir", str(root / name),
                                 *probe(root / f"{name}-probe")])
         assert done.returncode == 0, done.stderr
+        (root / f"{name}.stderr").write_text(done.stderr)
     epoch2 = epoch_checkpoint(root / "fsdp", 2)
     for name, nproc in (("fsdp-resumed-2", 2), ("fsdp-resumed-1", 1)):
         done = launch(site, nproc, [*JOB, "--strategy", "fsdp", "--epochs", "3", "--resume", str(epoch2),
@@ -192,6 +195,16 @@ def test_eval_predict_and_export_read_a_sharded_checkpoint_in_one_process(runs: 
 
 
 @pytest.mark.slow
+def test_tensorboard_logs_the_graph_where_it_can_and_warns_only_when_asked_for_one(runs: Path, tmp_path: Path, site: Path) -> None:
+    assert event_accumulator.EventAccumulator(str(runs / "ddp" / "tensorboard")).Reload().Graph() is not None
+    assert "no model graph" not in (runs / "fsdp.stderr").read_text()  # the default: no graph, and no word of it
+    done = launch(site, 2, [*JOB, "--strategy", "fsdp", "--epochs", "1", "--run-dir", str(tmp_path / "run"),
+                            "-o", "tensorboard.graph=true"])
+    assert done.returncode == 0, done.stderr
+    assert "tensorboard: no model graph under --strategy fsdp" in done.stderr
+
+
+@pytest.mark.slow
 def test_tensorboard_histograms_show_whole_parameters_under_fsdp(runs: Path) -> None:
     def histograms(run: Path) -> dict[str, Any]:
         reader = event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
@@ -226,6 +239,28 @@ def test_a_tied_bf16_language_model_trains_under_fsdp_as_under_ddp(site: Path, t
     fsdp, ddp = history(tmp_path / "fsdp"), history(tmp_path / "ddp")
     for key in ("train/loss", "val/loss", "val/bits_per_token"):
         assert fsdp[-1][key] == pytest.approx(ddp[-1][key], rel=2e-3), key
+
+
+def flip_a_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_is_refused_and_resume_auto_passes_over_it(runs: Path, tmp_path: Path) -> None:
+    run = tmp_path / "fsdp"
+    shutil.copytree(runs / "fsdp", run)
+    last = run / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    assert sorted(payload["shard_digests"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # every rank's, and DCP's index
+    flip_a_byte(shards_root(last) / payload["shards"] / "__1_0.distcp")
+    message = r"__1_0.distcp is damaged: its SHA-256 differs from the one recorded when it was saved"
+    with pytest.raises(UsageError, match=message):
+        load_checkpoint(last)
+    result = CliRunner().invoke(make_cli(), ["eval", "--checkpoint", str(last)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert newest_checkpoint(run) not in (None, last)  # --resume auto takes the newest good one
 
 
 @pytest.mark.slow
@@ -372,6 +407,46 @@ def test_a_non_tensor_entry_of_the_shards_loads_as_data_only(tmp_path: Path) -> 
     with pytest.raises(UsageError, match=r"the shards in .* cannot be read into this model: .*Weights only load failed"):
         read_shards(folder, wanted())
     assert not mark.exists()
+
+
+def test_the_digests_recorded_at_a_save_are_checked_when_the_shards_are_named(tmp_path: Path) -> None:
+    folder = saved_shards(tmp_path)
+    checkpoint, token = tmp_path / "last.pt", folder.name
+    digests = own_digests(checkpoint, token, 0)
+    assert sorted(digests) == [".metadata", "__0_0.distcp"]
+    assert resolve_shards(checkpoint, token, digests) == folder
+    for form in ([], {"__0_0.distcp": "ab"}, {**digests, "../x": "ab"}, {**digests, ".metadata": 3}):
+        with pytest.raises(UsageError, match="records its shards' digests in a form this trainer does not write"):
+            resolve_shards(checkpoint, token, form)
+    (folder / "__1_0.distcp").write_bytes(b"x")
+    with pytest.raises(UsageError, match=r"holds __1_0.distcp, which the checkpoint does not record"):
+        resolve_shards(checkpoint, token, digests)
+    (folder / "__1_0.distcp").unlink()
+    flip_a_byte(folder / "__0_0.distcp")
+    with pytest.raises(UsageError, match=r"__0_0.distcp is damaged"):
+        resolve_shards(checkpoint, token, digests)
+    (folder / "__0_0.distcp").unlink()
+    with pytest.raises(UsageError, match=r"is incomplete: its shard .*__0_0.distcp is missing"):
+        resolve_shards(checkpoint, token, digests)
+
+
+def test_shards_rank_zero_cannot_see_mean_a_folder_the_machines_do_not_share(tmp_path: Path) -> None:
+    folder = saved_shards(tmp_path)
+    digests = {**own_digests(tmp_path / "last.pt", folder.name, 0), "__1_0.distcp": "0" * 64}  # rank 1's, on its own disk
+    assert unseen_shards(tmp_path / "last.pt", folder.name, own_digests(tmp_path / "last.pt", folder.name, 0)) is None
+    message = unseen_shards(tmp_path / "last.pt", folder.name, digests)
+    assert message is not None and message.startswith("the shards __1_0.distcp that other processes wrote are not in")
+    assert "need a --runs-root every machine shares" in message
+
+
+def test_a_sharded_model_is_never_given_rank_zero_s_parts() -> None:
+    with pytest.raises(NotImplementedError, match="loaded by every rank together"):
+        FSDP(torch.device("cpu")).share_weights(nn.Linear(2, 2))
+
+
+def test_save_checkpoint_needs_a_path() -> None:
+    with pytest.raises(TypeError, match="needs at least one path"):
+        run_tiny(fit=False).save_checkpoint()
 
 
 def test_removing_a_checkpoint_removes_only_the_shards_folders_it_wrote(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
 
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.files import atomic_write_with
-from trainer_core.sharded import drop_stale_shards, read_model_shards, resolve_shards
+from trainer_core.sharded import drop_stale_shards, read_model_shards, resolve_shards, shards_root
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +97,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise UsageError(f"checkpoint {path} does not hold a checkpoint (found {type(payload).__name__})")
     if payload.get("shards") is not None:  # a sharded model's: its weights are in a folder beside it
-        payload["shards"] = resolve_shards(path, payload["shards"])
+        payload["shards"] = resolve_shards(path, payload["shards"], payload.get("shard_digests"))
     return payload
 
 
@@ -158,6 +158,11 @@ def newest_checkpoint(run_path: Path) -> Path | None:
     found = [p for p in folder.glob("*.pt") if not p.name.startswith(".") and p.is_file()] if folder.is_dir() else []
     for path in sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True):
         damage = archive_damage(path) if _magic(path) == b"PK" else None
+        if damage is None and shards_root(path).is_dir():  # a sharded run's (a small file): its shards checked too
+            try:
+                load_checkpoint(path)
+            except UsageError as exc:
+                damage = str(exc)
         if damage is None:
             return path
         log.warning("checkpoint %s is damaged (%s); passing over it to an older one", path, damage)

@@ -11,7 +11,7 @@ names).  Checkpoints write each rank's part through ``torch.distributed.checkpoi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from trainer_core.sharded import new_token, read_shards, write_shards
+from trainer_core.errors import UsageError
+from trainer_core.sharded import new_token, own_digests, read_shards, unseen_shards, write_shards
 from trainer_core.stepping import PRECISIONS
 from trainer_core.strategy import Ranks
 
@@ -104,16 +105,26 @@ class FSDP(Ranks):
     def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
+    def share_weights(self, model: nn.Module) -> None:
+        # Each rank holds other parts of each parameter: rank zero's cannot stand for the others'.
+        raise NotImplementedError("a sharded model is loaded by every rank together: use load_whole_weights or read_shards")
+
     def load_whole_weights(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
         set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True))
 
-    def write_shards(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> str | None:
+    def write_shards(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> dict[str, Any] | None:
         token = self.share_object(new_token())
         state = {"model": get_model_state_dict(model)}
         if optimizer is not None:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
         write_shards(path, token, state)
-        return token
+        digests: dict[str, str] = {}
+        for part in self.gather({"digests": own_digests(path, token, self.rank)}):
+            digests.update(part["digests"])  # type: ignore[arg-type]
+        unseen = self.share_object(unseen_shards(path, token, digests) if self.rank == 0 else None)
+        if unseen:
+            raise UsageError(unseen)
+        return {"shards": token, "shard_digests": digests}
 
     def read_shards(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path) -> None:
         if optimizer is None:

@@ -10,6 +10,10 @@ the file on disk always names complete shards; folders it no longer names are
 removed afterwards.  DCP reads them in any number of processes (resharding as
 needed), and in a single process as whole tensors.
 
+The checkpoint file also records each shards file's SHA-256 (``shard_digests``),
+checked whenever it is loaded: DCP's files carry no checksum that anything reads,
+so flipped bytes would otherwise load as wrong weights.
+
 The files are read as data only.  DCP itself would unpickle ``.metadata`` and the
 non-tensor entries (the optimizer's settings) with plain ``pickle``, which runs
 whatever code a crafted file names, and would open any path a file lists: here
@@ -20,6 +24,7 @@ load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -61,6 +66,34 @@ def write_shards(path: Path, token: str, state: dict[str, Any]) -> None:
     dcp.save(state, checkpoint_id=folder)
 
 
+def own_digests(path: Path, token: str, rank: int) -> dict[str, str]:
+    """The SHA-256 of each file rank ``rank`` wrote in the shards folder ``token`` of
+    checkpoint ``path`` (its data files; rank zero's also ``.metadata``)."""
+    folder = shards_root(path) / token
+    names = [f.name for f in folder.iterdir() if _DATA_FILE.fullmatch(f.name) and f.name.startswith(f"__{rank}_")]
+    return {name: _sha256(folder / name) for name in sorted(names + ([METADATA] if rank == 0 else []))}
+
+
+def unseen_shards(path: Path, token: str, digests: Mapping[str, str]) -> str | None:
+    """Why rank zero cannot see every rank's shards of a save (a folder that is not
+    shared between the machines of a run), or ``None``."""
+    folder = shards_root(path) / token
+    missing = sorted(name for name in digests if not (folder / name).is_file())
+    if not missing:
+        return None
+    return (f"the shards {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} that other processes wrote are not "
+            f"in {folder} as rank 0 sees it: --strategy fsdp checkpoints need a --runs-root every machine shares "
+            "(a network file system)")
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def link_shards(source: Path, token: str, target: Path) -> None:
     """Give checkpoint ``target`` the shards ``token`` of checkpoint ``source``
     as hard links (a copy where the file system has none): each checkpoint owns
@@ -89,15 +122,35 @@ def drop_stale_shards(path: Path, keep: str | None) -> None:
         root.rmdir()
 
 
-def resolve_shards(path: Path, token: object) -> Path:
+def resolve_shards(path: Path, token: object, digests: object = None) -> Path:
     """The shards folder that checkpoint ``path`` names by ``token``, checked:
-    a name of ours inside the checkpoint's own shards folder, never a path."""
+    a name of ours inside the checkpoint's own shards folder, never a path, whose
+    files have the ``digests`` recorded when it was saved (``None``: a checkpoint
+    written before they were recorded)."""
     if not isinstance(token, str) or not _TOKEN.fullmatch(token):
         raise UsageError(f"checkpoint {path} names its shards {token!r}, which is not a shards folder this trainer writes")
     folder = shards_root(path) / token
     if not (folder / METADATA).is_file():
         raise UsageError(f"checkpoint {path} is incomplete: its shards folder {folder} is missing or unfinished")
+    if digests is not None:
+        _check_digests(path, folder, digests)
     return folder
+
+
+def _check_digests(path: Path, folder: Path, digests: object) -> None:
+    if not (isinstance(digests, dict) and METADATA in digests
+            and all(isinstance(k, str) and (k == METADATA or _DATA_FILE.fullmatch(k)) and isinstance(v, str)
+                    for k, v in digests.items())):
+        raise UsageError(f"checkpoint {path} records its shards' digests in a form this trainer does not write")
+    unrecorded = sorted({f.name for f in folder.iterdir() if _DATA_FILE.fullmatch(f.name)} - digests.keys())
+    if unrecorded:
+        raise UsageError(f"checkpoint {path}'s shards folder holds {unrecorded[0]}, which the checkpoint does not record")
+    for name, expected in sorted(digests.items()):
+        if not (folder / name).is_file():
+            raise UsageError(f"checkpoint {path} is incomplete: its shard {folder / name} is missing")
+        if _sha256(folder / name) != expected:
+            raise UsageError(f"checkpoint {path}'s shard {folder / name} is damaged: its SHA-256 differs from the one "
+                             "recorded when it was saved")
 
 
 def check_layout(payload: Mapping[str, Any], sharding: bool) -> None:

@@ -60,12 +60,13 @@ class Checkpoints(PluginAPI):
         a failure leaves the previous file whole.  In a run of several processes every
         rank calls it (each writes its shards of a sharded model), rank zero writes the
         files, and all wait until they are complete."""
+        if not paths:
+            raise TypeError("save_checkpoint() needs at least one path")
         rank_states = self.rank_random_states() if self.distributed else None
-        token = self.strategy.write_shards(self.model, self.optimizer, paths[0])
+        shards = self.strategy.write_shards(self.model, self.optimizer, paths[0])
+        token = shards["shards"] if shards is not None else None
         if self.is_main:
-            payload = self.checkpoint_state(rank_states)
-            if token is not None:
-                payload["shards"] = token
+            payload = {**self.checkpoint_state(rank_states), **(shards or {})}
             for path in paths:
                 if token is not None and path != paths[0]:
                     link_shards(paths[0], token, path)
@@ -97,8 +98,11 @@ class Checkpoints(PluginAPI):
     def model_weights(self) -> dict[str, torch.Tensor]:
         """The model's state dict as whole tensors (its own tensors where they are whole).
         Under ``--strategy fsdp`` they are gathered from every rank's shards: every rank
-        must call it at the same point, and every rank gets them."""
-        return {name: self.strategy.full_tensor(tensor) for name, tensor in self.model.state_dict().items()}
+        must call it at the same point, and every rank gets them, in CPU memory (gathered one
+        at a time: the whole model need not fit on one device)."""
+        if not self.strategy.shards_parameters:
+            return self.model.state_dict()
+        return {name: self.strategy.full_tensor(tensor).cpu() for name, tensor in self.model.state_dict().items()}
 
     def load_model_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load whole-tensor weights (what :meth:`model_weights` gives) into the model,

@@ -101,9 +101,10 @@ class Strategy:
         """Load a whole-tensor state dict into ``model`` (sharding it, where the model is sharded)."""
         model.load_state_dict(weights)
 
-    def write_shards(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> str | None:
+    def write_shards(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> dict[str, Any] | None:
         """Write the weights and optimizer state as shards for checkpoint ``path``
-        (every rank calls it) and return their token; ``None``: they belong in the file itself."""
+        (every rank calls it) and return what the checkpoint file records of them
+        (their folder's token and digests); ``None``: they belong in the file itself."""
         return None
 
     def read_shards(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path) -> None:
