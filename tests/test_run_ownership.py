@@ -359,6 +359,10 @@ REFUSED = {
     "metrics-not-utf8": (metrics_line(b"\xff\xfe"), (), "metrics.jsonl line 1 is not UTF-8 text"),
     "metrics-not-json": (metrics_line(b"{oops"), (), "metrics.jsonl line 1 is not JSON"),
     "other-optimizer": (lambda run: None, ("--optimizer", "sgd"), "with optimizer sgd: its run trains with adam"),
+    # The optimizer's state holds its settings: config.toml would record one learning rate and training use another.
+    "other-lr": (lambda run: None, ("--lr", "0.01"), "with --lr 0.01: its run trains with 0.001, and a resume continues the "
+                 "saved optimizer settings; leave --lr out, or start a new run from its weights"),
+    "other-weight-decay": (lambda run: None, ("--weight-decay", "0.1"), "with --weight-decay 0.1: its run trains with 0.0"),
 }
 
 
@@ -379,7 +383,7 @@ def test_a_resume_that_fails_before_its_checkpoint_is_restored_keeps_the_runs_re
     payload["plugins"]["checkpoint"] = {"unreadable": True}
     save_checkpoint(run / "checkpoints" / "last.pt", payload)
     before = snapshot(run)
-    code, output = cli("run", "--resume", run / "checkpoints" / "last.pt", "--epochs", "2", "--lr", "0.01")
+    code, output = cli("run", "--resume", run / "checkpoints" / "last.pt", "--epochs", "2")
     assert code != 0 and one_error(output)
     assert snapshot(run) == before
 

@@ -51,15 +51,23 @@ def check_resumable(payload: Mapping[str, Any], source: Path) -> None:
 
 
 def check_same_optimizer(payload: Mapping[str, Any], config: RunConfig, source: Path) -> None:
-    """A resume continues the optimizer and its state: another optimizer is refused."""
+    """A resume continues the optimizer and its state, whose settings (and any schedule's
+    changes to them) are the saved ones: another optimizer, or other settings, are refused."""
     from trainer_core.config import RunConfig
 
     saved = payload.get("config") or {}
-    old = saved.get("optimizer", RunConfig().optimizer)
+    defaults = RunConfig()
+    old = saved.get("optimizer", defaults.optimizer)
+    fresh = f"or start a new run from its weights with -o model.weights={source}"
     if config.optimizer != old:
         raise UsageError(f"cannot resume {source} with optimizer {config.optimizer}: its run trains with {old}, and a resume "
-                         f"continues that optimizer and its state; leave --optimizer out, or start a new run from its weights "
-                         f"with -o model.weights={source}")
+                         f"continues that optimizer and its state; leave --optimizer out, {fresh}")
+    for name in ("lr", "weight_decay", *(["momentum"] if old == "sgd" else [])):
+        was = saved.get(name, getattr(defaults, name))
+        if getattr(config, name) != was:
+            option = "--" + name.replace("_", "-")
+            raise UsageError(f"cannot resume {source} with {option} {getattr(config, name)}: its run trains with {was}, and a "
+                             f"resume continues the saved optimizer settings; leave {option} out, {fresh}")
 
 
 def _check_payload(payload: Mapping[str, Any]) -> None:
