@@ -25,7 +25,7 @@ from trainer_core.trained import encode_prompt, evaluate, load_images, load_rows
 
 checkpoint_option = click.option(
     "--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
-    help="A checkpoint file, or a run folder (its newest checkpoint).",
+    help="A checkpoint file, a run folder (its newest checkpoint), or weights from 'trainer export --format safetensors'.",
 )
 dataset_option = click.option("--dataset", help="Use this dataset instead of the run's (same classes expected).")
 data_root_option = click.option("--data-root", help="Folder the dataset reads its files from, if not the run's.")
@@ -181,7 +181,8 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
     @cli.command()
     @checkpoint_option
     @click.option("--format", "fmt", required=True, type=click.Choice(export_formats()),
-                  help="torchscript (torch.jit.load), exported-program (torch.export.load), or onnx when installed.")
+                  help="torchscript (torch.jit.load), exported-program (torch.export.load), safetensors (the weights "
+                       "alone, for safetensors.torch.load_file), or onnx when installed.")
     @click.option("--output", required=True, type=click.Path(path_type=Path), help="File to write.")
     @data_root_option
     @debug_option
@@ -196,9 +197,15 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         in the targets' units for regression).  Output names, the input shape
         and the task are stored inside as trainer.json.
 
+        safetensors writes the model's weights alone (a state dict, no
+        normalisation) with trainer.json in the file's metadata: the model and
+        dataset names and options, the task, the classes.  trainer eval,
+        predict and -o model.weights= read it back.
+
         \b
         Examples:
           trainer export --checkpoint runs/my-run --format exported-program --output model.pt2
+          trainer export --checkpoint runs/my-run --format safetensors --output model.safetensors
           python -c "import torch; m = torch.export.load('model.pt2').module(); print(m(torch.rand(1, 1, 8, 8)))"
         """
         if output.is_dir():

@@ -1,6 +1,7 @@
 """``trainer export``: a trained model as a file other programs load with
 plain torch (TorchScript, ``torch.export``, ONNX), checked against the model
-before it replaces anything."""
+before it replaces anything; or its weights alone as safetensors
+(:mod:`trainer_core.safetensors_file`)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,14 @@ def export_model(trained: Trained, fmt: str, output: Path, tolerance: float = 1e
 
     from trainer_core.files import atomic_write_bytes
 
+    if fmt == "safetensors":  # the weights themselves: nothing traced, nothing to compare
+        from trainer_core.safetensors_file import export_info, write_safetensors
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        state = trained.payload.get("state") or {}
+        write_safetensors(output, trained.model.state_dict(),
+                          export_info(trained.config, trained.data, trained.task, trained.epoch, state.get("step")))
+        return 0.0
     data = trained.data
     module = exportable(trained)
     example = example_inputs(data, 2)
@@ -129,5 +138,5 @@ def export_formats() -> list[str]:
     """The formats ``trainer export`` offers here."""
     import importlib.util
 
-    formats = ["torchscript", "exported-program"]
+    formats = ["torchscript", "exported-program", "safetensors"]
     return formats + (["onnx"] if importlib.util.find_spec("onnx") is not None else [])

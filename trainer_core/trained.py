@@ -71,10 +71,11 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     from trainer_core.checkpointing import checkpoint_weights, load_checkpoint, misfit_details
     from trainer_core.config import RunConfig, apply_mapping, set_field
     from trainer_core.runner import build_model, load_dataset
+    from trainer_core.safetensors_file import as_checkpoint, is_safetensors
     from trainer_core.task import check_fit, load_task, task_name
 
     path = resolve_checkpoint(path)
-    payload = load_checkpoint(path)
+    payload = as_checkpoint(path) if is_safetensors(path) else load_checkpoint(path)
     has_weights = isinstance(payload.get("model"), dict) or payload.get("shards") is not None
     if not isinstance(payload.get("config"), dict) or not has_weights:
         raise UsageError(
@@ -88,6 +89,7 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     if data_root is not None:
         config.data_root = data_root
     data = load_dataset(config.dataset, config.dataset_options, config.data_root)
+    _check_expected(payload.get("expects"), data, path)
     task = load_task(task_name(config.task, data), config.task_options)
     check_fit(task, data, config.dataset)
     task.setup(data, torch.device("cpu"))
@@ -105,6 +107,20 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
                          f"({outputs}): {misfit_details(model.state_dict(), weights)}") from None
     model.eval()
     return Trained(path, payload, config, data, model, task)
+
+
+def _check_expected(expects: dict[str, Any] | None, data: DataBundle, path: Path) -> None:
+    """The dataset has the classes and input shape exported weights were trained on."""
+    if expects is None:
+        return
+    classes, shape = [str(c) for c in data.classes], list(data.input_shape)
+    if classes != expects["classes"]:
+        raise UsageError(f"{path} was exported for {len(expects['classes'])} classes ({', '.join(expects['classes'][:5])}"
+                         f"{' ...' if len(expects['classes']) > 5 else ''}), but this dataset has {len(classes)} "
+                         f"({', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}); evaluate it on its own dataset")
+    if shape != expects["input_shape"]:
+        raise UsageError(f"{path} was exported for inputs of shape {tuple(expects['input_shape'])}, but this dataset's "
+                         f"are {tuple(shape)}; evaluate it on its own dataset")
 
 
 def image_shape(data: DataBundle, what: str) -> tuple[int, int, int]:

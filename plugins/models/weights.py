@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from trainer_core import CHECKPOINT_FOLDER, UsageError, find_checkpoint, load_weights, loaded_weights
+from trainer_core import CHECKPOINT_FOLDER, UsageError, find_checkpoint, load_weights, loaded_weights, weights_source
 
 log = logging.getLogger("trainer_core")
 
@@ -41,7 +41,7 @@ def load_into(model: nn.Module, source: str | Path | Mapping[str, Any], origin: 
         where = origin or "the given state dict"
     else:
         path = weights_file(Path(source))
-        skipped = load_weights(model, path)
+        skipped = load_weights(model, weights_source(path))
         where = origin or str(path)
     record = loaded_weights(model)
     unloaded = record.unloaded if record is not None else []
