@@ -24,7 +24,9 @@ class Checkpoint:
     continues from) and ``best-epoch003-val_acc0.9861.pt``.  Each holds the
     model, the optimizer, every plugin's state, progress, RNG states and the
     config.  At the end of the run the best weights are loaded into the model
-    (``restore_best``), as the seed's ``best_model_wts`` did by hand.
+    (``restore_best``), as the seed's ``best_model_wts`` did by hand, and
+    evaluated: that evaluation is the run's final one (the last epoch's is kept
+    in ``summary.json`` as ``last_epoch``).
     """
 
     def __init__(
@@ -42,7 +44,8 @@ class Checkpoint:
             (else ``min`` for losses and errors, ``max`` otherwise).
         :param save_top_k: best checkpoints to keep (0: none, -1: all).
         :param every_n_steps: also write ``last.pt`` every this many training steps within an epoch (0: off).
-        :param restore_best: load the best checkpoint's weights into the model when training ends.
+        :param restore_best: load the best checkpoint's weights into the model when training ends,
+            and report their evaluation as the run's final one.
         :param dirpath: folder for the files (default: the run folder's ``checkpoints``)."""
         if monitor == "":
             raise ValueError("checkpoint.monitor must name a metric (e.g. val/acc)")
@@ -119,6 +122,9 @@ class Checkpoint:
             trainer.restore_weights(path)
             trainer.echo(f"checkpoint: restored the best weights ({self.monitor} {best['score']:.4f}, "
                          f"epoch {best['epoch']}) from {path}")
+            # What the run reports (summary.json's final metrics, class-accuracy's table, TensorBoard's
+            # restored/ curves) is then the model it leaves, not the last epoch's.
+            trainer.evaluate_restored(best["epoch"], best["step"], str(path))
 
     # -- saving --------------------------------------------------------------
 

@@ -41,7 +41,8 @@ class ClassAccuracy:
         #: The latest evaluation's confusion matrix on the CPU (rows: true class,
         #: columns: predicted class), or ``None`` before the first evaluation.
         self.confusion: torch.Tensor | None = None
-        #: ``epoch`` and ``step`` of the evaluation :attr:`confusion` comes from.
+        #: ``epoch`` and ``step`` of the evaluation :attr:`confusion` comes from
+    #: (and ``restored``: weights restored when training ended, e.g. the best).
         self.evaluated_at: dict[str, int] = {}
         self._counts: torch.Tensor | None = None
         self._classes: list[str] = []
@@ -84,7 +85,9 @@ class ClassAccuracy:
         # Each rank counted its shard; every rank gets here at once (a collective).
         self.confusion = trainer.all_reduce(self._counts).view(classes, classes).cpu()
         self._counts = None
-        self.evaluated_at = {"epoch": trainer.state.epoch, "step": trainer.state.step}
+        restored = trainer.state.restored  # the weights put back at the end (the best), not the last epoch's
+        self.evaluated_at = ({"epoch": restored["epoch"], "step": restored["step"], "restored": True} if restored
+                             else {"epoch": trainer.state.epoch, "step": trainer.state.step})
         if trainer.is_main and trainer.run_path is not None and self.matrix_file:
             self._save(trainer)
         correct, total = self.confusion.diagonal().tolist(), self.confusion.sum(dim=1).tolist()
@@ -114,8 +117,9 @@ class ClassAccuracy:
         rows.append(("all", sum(correct), sum(total)))
         width = max(len("class"), *(len(name) for name, _, _ in rows))
         digits = max(len("correct"), len(str(sum(total))))
+        which = ", the restored best weights" if self.evaluated_at.get("restored") else ""
         lines = [
-            f"per-class accuracy (epoch {self.evaluated_at.get('epoch', '?')}):",
+            f"per-class accuracy (epoch {self.evaluated_at.get('epoch', '?')}{which}):",
             f"{'class':<{width}}  {'correct':>{digits}}  {'total':>{digits}}  accuracy",
         ]
         for index, (name, c, t) in enumerate(rows):

@@ -85,6 +85,8 @@ class EarlyStopping:
 
     @hookimpl
     def on_eval(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
+        if trainer.state.restored is not None:
+            return  # weights put back after training (no epoch to count)
         check_monitor("early-stopping.monitor", self.monitor, metrics)
         value = float(metrics[self.monitor])
         if self.improved(value):

@@ -84,7 +84,7 @@ class Progress:
 
     @hookimpl
     def on_eval(self, trainer: Trainer, metrics: Mapping[str, Any]) -> None:
-        if trainer.is_main:
+        if trainer.is_main and trainer.state.restored is None:  # (restored weights: told at the end)
             self._print(
                 f"epoch {metrics['epoch']}/{trainer.config.epochs}  train loss {metrics['train/loss']:.4f}  "
                 f"val loss {metrics['val/loss']:.4f}{_headline(trainer, metrics, '  ')}  "
@@ -100,7 +100,9 @@ class Progress:
         best = pick(trainer.state.history, key=lambda m: m[metric])
         final_text = (f"{_headline(trainer, final, ' ')} (loss {final['val/loss']:.4f})" if metric != "val/loss"
                       else f" val loss {final['val/loss']:.4f}")
-        self._print(f"done in {_clock(time.monotonic() - self._started)}: final{final_text}; "
+        restored = trainer.state.restored
+        which = f" (the restored weights of epoch {restored['epoch']})" if restored is not None else ""
+        self._print(f"done in {_clock(time.monotonic() - self._started)}: final{which}{final_text}; "
                     f"best {_value(metric, best[metric])} at epoch {best['epoch']}")
 
     @hookimpl

@@ -49,7 +49,10 @@ class TensorBoard:
     once, from the first validation batch (as the seed did), ``pr/<class>``
     curves, ``weights/*`` and ``grads/*`` histograms, hparams.  At its defaults
     it does nothing during training steps: per-step work (training accuracy,
-    histograms) is opt-in.
+    histograms) is opt-in.  The evaluation of weights restored when training
+    ends (the checkpoint plugin's best) is logged under ``restored/`` at the
+    last step (``restored/val/acc``, ``restored/pr/<class>``), and hparams
+    show its metrics.
     """
 
     def __init__(
@@ -370,20 +373,20 @@ class TensorBoard:
         if not trainer.is_main:
             self._pr_counts = None
             return
-        writer, step = self._writer(trainer), trainer.state.step
+        writer, step, prefix = self._writer(trainer), trainer.state.step, _prefix(trainer)
         self._write_intervals(trainer)
         self._add_scalars(trainer, {
-            "train/loss_epoch" if key == "train/loss" else key: value
+            prefix + ("train/loss_epoch" if key == "train/loss" else key): value
             for key, value in metrics.items()
             if key not in ("epoch", "step") and isinstance(value, (int, float))
         }, step)
         if self._pr_counts is not None:
-            self._log_pr_curves(writer, step)
+            self._log_pr_curves(writer, step, prefix)
         if self.confusion_image:
-            self._log_confusion(trainer, writer, step)
+            self._log_confusion(trainer, writer, step, prefix)
         writer.flush()
 
-    def _log_pr_curves(self, writer: SummaryWriter, step: int) -> None:
+    def _log_pr_curves(self, writer: SummaryWriter, step: int, prefix: str) -> None:
         """The curves exactly as TensorBoard's ``compute_curve`` would from the
         probabilities and true labels, from the device-side histograms."""
         assert self._pr_counts is not None
@@ -397,11 +400,11 @@ class TensorBoard:
             precision = tp_i / (tp_i + fp_i).clamp(min=1e-7)
             recall = tp_i / (tp_i + fn_i).clamp(min=1e-7)
             writer.add_pr_curve_raw(
-                f"pr/{key}", tp_i.numpy(), fp_i.numpy(), tn_i.numpy(), fn_i.numpy(),
+                f"{prefix}pr/{key}", tp_i.numpy(), fp_i.numpy(), tn_i.numpy(), fn_i.numpy(),
                 precision.numpy(), recall.numpy(), global_step=step, num_thresholds=PR_THRESHOLDS,
             )
 
-    def _log_confusion(self, trainer: Trainer, writer: SummaryWriter, step: int) -> None:
+    def _log_confusion(self, trainer: Trainer, writer: SummaryWriter, step: int, prefix: str) -> None:
         """class-accuracy's matrix (collected before ``on_eval``), rows
         normalised: cell brightness is the share of a true class predicted as
         each class."""
@@ -413,7 +416,7 @@ class TensorBoard:
                 shares = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
                 scale = max(1, 256 // shares.shape[0])  # nearest-neighbour upscaling to ~256 pixels
                 image = shares.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-                writer.add_image(f"{name}/confusion", image.float().unsqueeze(0), step)
+                writer.add_image(f"{prefix}{name}/confusion", image.float().unsqueeze(0), step)
 
     # -- one-off records ------------------------------------------------------
 
@@ -457,9 +460,15 @@ class TensorBoard:
         final = {k: v for k, v in trainer.state.metrics.items() if k not in ("epoch", "step") and isinstance(v, (int, float))}
         if not final:
             return
-        metric_tags = {("train/loss_epoch" if k == "train/loss" else k): v for k, v in final.items()}
+        metric_tags = {_prefix(trainer) + ("train/loss_epoch" if k == "train/loss" else k): v for k, v in final.items()}
         for summary in hparams(_hparam_values(trainer), metric_tags):
             writer.file_writer.add_summary(summary)  # type: ignore[union-attr]
+
+
+def _prefix(trainer: Trainer) -> str:
+    """Tags of the evaluation of weights restored after training (the best) start with
+    ``restored/``: logged at the last step, they are no point of the epochs' curves."""
+    return "restored/" if trainer.state.restored is not None else ""
 
 
 def _hparam_values(trainer: Trainer) -> dict[str, Any]:

@@ -24,6 +24,10 @@ class TrainState:
     :ivar compile_seconds: wall time of the first step of a compiled model.
     :ivar started_at: when the run first started (seconds since the epoch; a
         resumed run keeps its first start).
+    :ivar restored: when training ended and a plugin put other weights back (the
+        checkpoint plugin's best), which: ``epoch``, ``step`` and ``source``; their
+        evaluation is then :attr:`metrics` (see :meth:`Trainer.evaluate_restored`).
+    :ivar last_epoch_metrics: the last epoch's evaluation, kept when :attr:`metrics` became the restored weights'.
     """
 
     epoch: int = 0
@@ -37,6 +41,8 @@ class TrainState:
     train_seconds: float = 0.0
     compile_seconds: float = 0.0
     started_at: float = 0.0
+    restored: dict[str, Any] | None = None
+    last_epoch_metrics: dict[str, float] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {

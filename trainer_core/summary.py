@@ -44,6 +44,9 @@ def run_summary(state: TrainState, config: RunConfig, task: Task, *, status: str
         "steps": state.step,
         "final": state.metrics,
         "best": best_metrics(state.history, task),
+        # Weights put back when training ended: "final" is their evaluation, the last epoch's is kept.
+        "restored": state.restored,
+        "last_epoch": state.last_epoch_metrics if state.restored is not None else state.metrics,
         "started": datetime.datetime.fromtimestamp(state.started_at, datetime.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(duration, 3),
         "train_seconds": round(seconds, 3),

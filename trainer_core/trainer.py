@@ -236,6 +236,24 @@ class Trainer(Checkpoints):
 
         Returns an empty mapping, recording nothing, when a signal arrives mid-evaluation.
         """
+        return self._evaluate({"epoch": self.state.epoch, "step": self.state.step, "train/loss": self.losses.epoch_mean()})
+
+    def evaluate_restored(self, epoch: int, step: int, source: str) -> dict[str, float]:
+        """Evaluate the weights a plugin restored when training ended (saved at ``epoch``
+        and ``step``, read from ``source``) and make that the run's final evaluation:
+        ``state.metrics`` (summary.json's ``final``) and what ``on_eval`` reports, with
+        ``state.restored`` set so consumers tell it from an epoch's; the last epoch's
+        stays as ``state.last_epoch_metrics``.  No epoch was trained, so nothing joins
+        ``history`` or ``metrics.jsonl``.  Every rank calls it."""
+        state = self.state
+        trained = next((m for m in state.history if m.get("step") == step), {})  # (its epoch's training loss)
+        if state.restored is None:
+            state.last_epoch_metrics = state.metrics
+        state.restored = {"epoch": epoch, "step": step, "source": source}
+        head = {"epoch": epoch, "step": step, "train/loss": trained.get("train/loss", math.nan)}
+        return self._evaluate(head, record=False)
+
+    def _evaluate(self, head: dict[str, float], record: bool = True) -> dict[str, float]:
         model = self.forward_model  # never the strategy's wrapper: evaluation needs no gradient reduction
         # Called mid-epoch by a plugin, training must go on in the modes it had (frozen batch norm included).
         modes = [(module, module.training) for module in self.model.modules()]
@@ -255,15 +273,16 @@ class Trainer(Checkpoints):
                     eval_batch(trainer=self, inputs=inputs, targets=targets, outputs=outputs)
         if self._stopped_by_signal():  # the loader's workers got the signal too and ended the pass early
             return {}
-        metrics: dict[str, float] = {"epoch": self.state.epoch, "step": self.state.step, "train/loss": self.losses.epoch_mean()}
+        metrics: dict[str, float] = dict(head)
         producers = dict.fromkeys(metrics, "the core")
         metrics.update(self.task.metrics(self.strategy.all_reduce(sums)))
         producers.update(dict.fromkeys(metrics.keys() - producers.keys(), f"the task '{self.task.name}'"))
         merge_collected(self.pm, metrics, producers, trainer=self)
         metrics = self.strategy.share_object(metrics)  # rank zero's, also for metrics of its rank-zero-only plugins
         self.state.metrics = metrics
-        self.state.history.append(metrics)
-        if self.run_dir is not None and self.is_main:
+        if record:
+            self.state.history.append(metrics)
+        if record and self.run_dir is not None and self.is_main:
             self.run_dir.append_metrics(metrics)
         self._emit("on_eval", trainer=self, metrics=metrics)
         for module, training in modes:
