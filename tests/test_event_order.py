@@ -19,7 +19,7 @@ EXPECTED = (
     ["on_setup", "on_fit_start"]
     + ["on_epoch_start", *BATCH, *BATCH, "on_train_log", *BATCH, "on_train_log", *EVAL]
     + ["on_epoch_start", *BATCH, *BATCH, "on_train_log", *BATCH, "on_train_log", *EVAL]
-    + ["on_fit_end"]
+    + ["on_fit_end", "on_run_end"]
 )
 
 

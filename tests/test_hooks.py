@@ -184,15 +184,15 @@ def test_hook_on_epoch_end(tmp_path):
 
 
 def test_hook_on_fit_end():
-    """Runs once last and not after an exception."""
+    """Runs once last (only on_run_end follows) and not after an exception."""
     recorder = HookRecorder()
     run_tiny({"rec": recorder})
-    assert recorder.names().count("on_fit_end") == 1 and recorder.names()[-1] == "on_fit_end"
+    assert recorder.names().count("on_fit_end") == 1 and recorder.names()[-2:] == ["on_fit_end", "on_run_end"]
 
     recorder = HookRecorder()
     with pytest.raises(PluginError):
         run_tiny({"rec": recorder, "boom": probe("on_epoch_start", lambda: 1 / 0)})
-    assert "on_fit_end" not in recorder.names() and recorder.names()[-1] == "on_exception"
+    assert "on_fit_end" not in recorder.names() and recorder.names()[-2:] == ["on_exception", "on_run_end"]
 
 
 def test_hook_on_exception(tmp_path):
@@ -214,6 +214,33 @@ def test_hook_on_exception(tmp_path):
     assert isinstance(exc_call["exception"], RuntimeError)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "sensor offline" in summary["error"]
+
+
+def test_hook_on_run_end(tmp_path):
+    """Comes last, after summary.json is written, with how the run ended; a failure in it changes nothing."""
+    seen = []
+
+    def report(trainer, status, summary):
+        written = json.loads((tmp_path / "run" / "summary.json").read_text())
+        seen.append((status, summary, written))
+        raise ValueError("tracker offline")
+
+    recorder = HookRecorder()
+    run_tiny({"rec": recorder, "p": probe("on_run_end", report)}, run_dir=tmp_path / "run")
+    (status, summary, written), = seen
+    assert status == "completed" and summary["status"] == "completed" and written == json.loads(json.dumps(summary))
+    assert recorder.names()[-2:] == ["on_fit_end", "on_run_end"]
+
+    def explode(batch_idx):
+        raise RuntimeError("sensor offline")
+
+    seen.clear()
+    with pytest.raises(PluginError, match="sensor offline"):
+        run_tiny({"boom": probe("on_batch_end", explode), "p": probe("on_run_end", report)}, run_dir=tmp_path / "run")
+    assert [(s, w["status"]) for s, _, w in seen] == [("failed", "failed")]
+    without = []
+    run_tiny({"p": probe("on_run_end", lambda status, summary: without.append((status, summary)))})
+    assert without == [("completed", None)]  # no run folder, no summary
 
 
 class Counter:

@@ -27,9 +27,11 @@ The order of one run with evaluation every epoch::
         on_eval
         on_epoch_end
     on_fit_end
+    on_run_end                              (last, however the run ended)
 
 ``plugin_state_dict`` runs whenever a checkpoint is written; ``on_exception``
-runs instead of the rest when an exception escapes the loop.
+runs instead of the rest when an exception escapes the loop (``on_run_end``
+still comes last).
 
 One rule of order exists: a plugin that *saves* the run's state (a checkpoint
 writer) marks its ``on_batch_end`` / ``on_epoch_end`` implementation
@@ -269,6 +271,25 @@ def on_exception(trainer: Trainer, exception: BaseException) -> None:
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param exception: the exception that ended the run.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_run_end(trainer: Trainer, status: str, summary: Mapping[str, Any] | None) -> None:
+    """Called once, last of all, however the run ended: after :func:`on_fit_end`
+    or :func:`on_exception`, and after the run folder's ``summary.json`` is
+    written, so a plugin can copy it elsewhere.  Report the outcome to the
+    outside world here (an experiment tracker's run status).  An exception
+    raised here is reported as a warning and changes nothing about the run.
+
+    :param trainer: the :class:`~trainer_core.Trainer` that ran.
+    :param status: how the run ended, as ``summary.json`` says: ``completed``,
+        ``stopped`` (a plugin or a signal asked; ``trainer.state.stop_reason``
+        says which: ``received SIGTERM`` for a signal), ``interrupted`` (a
+        second Ctrl-C) or ``failed``.
+    :param summary: what ``summary.json`` holds, on the main process of a run
+        that writes a folder; ``None`` elsewhere.
     :return: ignored.
     """
 

@@ -106,11 +106,14 @@ class Trainer(Checkpoints):
                 raise fault from exc
             raise
         finally:
+            summary = None
             if self.run_dir is not None:
                 summary = run_summary(self.state, self.config, self.task, status=status, error=error,
                                       duration=time.perf_counter() - started, device=self.device, processes=self.world_size,
                                       skipped_steps=self.stepper.skipped if self.stepper else 0) if self.is_main else None
                 self.run_dir.finish(summary, failed=error is not None, discard=refused)
+            # Last, on every path: trackers report the outcome and copy summary.json (guarded: never raises).
+            call_each_guarded(self.pm, "on_run_end", trainer=self, status=status, summary=summary)
 
     def _fit(self) -> None:
         self._emit("on_setup", trainer=self)
