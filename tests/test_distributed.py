@@ -118,6 +118,20 @@ class StopAt:
             trainer.request_stop(f"asked at step {self.step}")
 
 
+class KeepCopy:
+    """Keeps a copy of the run's last.pt as the training of step ``step + 1`` starts (rank 0)."""
+
+    def __init__(self, step: int = 18, out: str = "") -> None:
+        self.step, self.out = step, Path(out)
+
+    @hookimpl
+    def on_batch_start(self, trainer):
+        import shutil
+
+        if trainer.rank == 0 and trainer.state.step == self.step:
+            shutil.copy(trainer.run_path / "checkpoints" / "last.pt", self.out)
+
+
 class Hold:
     """Holds every rank after one step until that rank receives a stop signal (a minute at most)."""
 
@@ -181,7 +195,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         tmp_path_factory.mktemp("site"), "dist-probe",
         {"trainer.plugins": {"probe": "dist_probe:Probe", "zero-only": "dist_probe:ZeroOnly", "boom": "dist_probe:Boom",
                             "sync-counter": "dist_probe:SyncCounter", "poison": "dist_probe:Poison",
-                            "hold": "dist_probe:Hold", "stop-at": "dist_probe:StopAt"}},
+                            "hold": "dist_probe:Hold", "stop-at": "dist_probe:StopAt", "keep-copy": "dist_probe:KeepCopy"}},
         modules={"dist_probe": PROBE},
     )
     sys.path.insert(0, str(folder))
@@ -384,6 +398,31 @@ def test_a_resume_in_as_many_processes_continues_every_rank_s_random_stream(site
     for key, value in whole["params"].items():
         assert torch.equal(value, resumed["params"][key]), key
     assert resumed["losses"] == whole["losses"][12:]  # the second epoch's losses, bit for bit
+
+
+@pytest.mark.slow
+def test_a_mid_interval_resume_logs_every_rank_s_part_of_the_interval(site: Path, tmp_path: Path) -> None:
+    # Saved at step 18, between the logs of steps 16 and 20: the checkpoint must hold both ranks'
+    # losses of steps 17-18, or the resumed run's step-20 log (and its epoch's mean) lacks rank 1's.
+    job = [*JOB, "--epochs", "2", "-o", "checkpoint.every_n_steps=6"]
+    job[job.index("--log-every") + 1] = "4"
+    copy = tmp_path / "step18.pt"
+
+    def two_processes(name: str, *args: str) -> tuple[list[Any], dict[str, float]]:
+        done = run_processes(["-m", "trainer_core", "run", "--nproc-per-node", "2", *job, "--run-dir", str(tmp_path / name),
+                              *probe(tmp_path / f"{name}-probe"), *args], site)
+        assert done.returncode == 0, done.stderr
+        last_epoch = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+        return torch.load(tmp_path / f"{name}-probe" / "rank0.pt", weights_only=True)["losses"], last_epoch
+
+    whole, whole_epoch = two_processes("whole", "--plugins", "keep-copy", "-o", "keep-copy.step=18", "-o", f"keep-copy.out={copy}")
+    assert torch.load(copy, weights_only=True)["state"]["step"] == 18
+    resumed, resumed_epoch = two_processes("resumed", "--resume", str(copy), "--plugins", "no:keep-copy")
+    after = [log for log in whole if log[0] > 18]
+    assert [log[0] for log in resumed] == [log[0] for log in after] == [20, 24]
+    for (_, loss, samples), (_, expected, expected_samples) in zip(resumed, after):
+        assert (loss, samples) == (pytest.approx(expected, rel=1e-12), expected_samples)
+    assert resumed_epoch["train/loss"] == pytest.approx(whole_epoch["train/loss"], rel=1e-12)
 
 
 @pytest.mark.slow

@@ -69,8 +69,22 @@ class LossMeter:
         """The epoch's mean training loss so far (NaN before its first log)."""
         return self.epoch_loss / self.epoch_samples if self.epoch_samples else math.nan
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch_totals": [self.epoch_loss, self.epoch_samples], "pending": [self.loss_sum(), self.samples()]}
+    def pending_over_ranks(self, strategy: Strategy) -> list[float]:
+        """The interval's loss sum and samples so far, over every rank (a collective:
+        every rank calls it), for :meth:`state_dict`: a mid-interval checkpoint must
+        carry every rank's part, which the resumed run counts once."""
+        total, samples = self.loss_sum(), self.samples()
+        if strategy.distributed:
+            own = torch.tensor([total - self._carried_loss, samples - self._carried_samples], dtype=torch.float64,
+                               device=strategy.device)
+            reduced = strategy.all_reduce(own).tolist()
+            total, samples = self._carried_loss + reduced[0], self._carried_samples + int(reduced[1])
+        return [total, samples]
+
+    def state_dict(self, pending: list[float] | None = None) -> dict[str, Any]:
+        """:param pending: :meth:`pending_over_ranks` (in one process, this meter's own)."""
+        return {"epoch_totals": [self.epoch_loss, self.epoch_samples],
+                "pending": pending if pending is not None else [self.loss_sum(), self.samples()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch_loss, self.epoch_samples = state["epoch_totals"]

@@ -27,14 +27,17 @@ class Checkpoints(PluginAPI):
         In a run of several processes every rank must call it (it gathers)."""
         return self.strategy.gather(rng_state())
 
-    def checkpoint_state(self, rank_random_states: list[dict[str, object]] | None = None) -> dict[str, Any]:
+    def checkpoint_state(self, rank_random_states: list[dict[str, object]] | None = None,
+                         pending_loss: list[float] | None = None) -> dict[str, Any]:
         """Everything the run's future depends on, keyed for :meth:`load_checkpoint_state`.
         Under a strategy that shards the model its weights and optimizer state are not
         in it (``None``): :meth:`save_checkpoint` writes them as shards beside the file.
 
         :param rank_random_states: :meth:`rank_random_states`, so that every rank of a resumed
             run of as many processes continues its own random stream; without it, ranks
-            other than zero start fresh streams on resume."""
+            other than zero start fresh streams on resume.
+        :param pending_loss: the training loss of the current logging interval so far over every
+            rank (gathered by :meth:`save_checkpoint` on every rank); without it, this rank's."""
         plugins = call_each(self.pm, "plugin_state_dict", trainer=self)
         whole = not self.strategy.shards_parameters
         from trainer_core.transfer import Normalization  # what inputs the weights expect, for a run that starts from them
@@ -48,7 +51,7 @@ class Checkpoints(PluginAPI):
             "plugins": {name: state for name, state in plugins.items() if state is not None},
             "state": self.state.state_dict(),
             "stepper": self.stepper.state_dict() if self.stepper is not None else None,
-            **self.losses.state_dict(),
+            **self.losses.state_dict(pending_loss),
             "task": self.task.state_dict(),
             "rng": rng_state(),
             "rank_rng": rank_random_states,
@@ -63,10 +66,11 @@ class Checkpoints(PluginAPI):
         if not paths:
             raise TypeError("save_checkpoint() needs at least one path")
         rank_states = self.rank_random_states() if self.distributed else None
+        pending = self.losses.pending_over_ranks(self.strategy)
         shards = self.strategy.write_shards(self.model, self.optimizer, paths[0])
         token = shards["shards"] if shards is not None else None
         if self.is_main:
-            payload = {**self.checkpoint_state(rank_states), **(shards or {})}
+            payload = {**self.checkpoint_state(rank_states, pending), **(shards or {})}
             for path in paths:
                 if token is not None and path != paths[0]:
                     link_shards(paths[0], token, path)
