@@ -52,8 +52,8 @@ class Progress:
         if trainer.is_main:
             self._print(
                 f"training {c.model} on {c.dataset}: {len(data.train)} train / {len(data.val)} validation samples, "
-                f"{c.epochs} epochs of {self._steps_per_epoch} steps, batch {c.batch_size}, {c.optimizer} lr {c.lr:g}, "
-                f"device {trainer.device}"
+                f"{_count(c.epochs, 'epoch')} of {_count(self._steps_per_epoch, 'step')}, batch {c.batch_size}, "
+                f"{c.optimizer} lr {c.lr:g}, device {trainer.device}"
             )
 
     @hookimpl
@@ -125,3 +125,8 @@ def _value(metric: str, value: float) -> str:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"

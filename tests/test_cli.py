@@ -89,12 +89,17 @@ def test_plugins_lists_hooks_options_and_shows_broken_rows(fake_entry_points):
     assert "error: plugin 'broken' failed to import" in result.output and "half installed" in result.output
 
 
-def test_models_and_datasets_list_without_importing(fake_entry_points):
+def test_models_and_datasets_list_options_and_show_broken_rows(fake_entry_points):
     fake_entry_points("odd-dist", {"trainer.models": {"odd": "odd_model_module_that_does_not_exist:build"}})
     result = invoke("models")
+    assert result.exit_code == 0
     assert "smallcnn  (trainer-core)  trainer_core_plugins.models.smallcnn:build" in result.output
+    assert "    options: width: int = 32; dropout: float = 0.25; weights: str | none = None" in result.output
     assert "odd  (odd-dist)  odd_model_module_that_does_not_exist:build" in result.output
-    assert "digits  (trainer-core)" in invoke("datasets").output
+    assert "    error: model 'odd' failed to import" in result.output
+    datasets = invoke("datasets").output
+    assert "digits  (trainer-core)" in datasets and "    options: val_fraction: float = 0.2; split_seed: int = 0" in datasets
+    assert "data_root" not in datasets  # what the trainer passes itself is no option
 
 
 def test_version():

@@ -282,7 +282,10 @@ def test_runs_on_one_run_folder_and_errors(trained: dict, tmp_path: Path) -> Non
     assert code == 0 and output.splitlines()[1].startswith("run ")
     code, output = invoke("runs", tmp_path)
     assert code == 0 and output.strip() == f"no runs in {tmp_path}"
-    one_line_error(*invoke("runs", tmp_path / "nowhere"), "is not a folder")
+    # The fix names trainer runs' own argument, not a trainer run option (issue 15).
+    code, output = invoke("runs", tmp_path / "nowhere")
+    one_line_error(code, output, "is not a folder", "trainer runs FOLDER")
+    assert not output.startswith(f"error: {tmp_path / 'nowhere'} is not a folder; runs are written under --runs-root")
 
 
 # -- the real program ------------------------------------------------------------

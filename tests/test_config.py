@@ -100,3 +100,23 @@ def test_precision_accepts_a_toml_number(tmp_path):
 def test_defaults_are_the_documented_default_run():
     config = RunConfig()
     assert (config.model, config.dataset, config.plugins) == ("smallcnn", "digits", {"progress": {}})
+
+
+def test_config_toml_holds_options_as_their_declared_types(tmp_path):
+    from click.testing import CliRunner
+
+    from trainer_core.cli import make_cli
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(make_cli(), [
+        "run", "--dataset", "fake", "--epochs", "1", "--device", "cpu", "-q", "--run-dir", str(run), "--plugins", "steplr",
+        "-o", "steplr.step_size=1", "-o", "steplr.gamma=1", "-o", "model.width=8", "-o", "model.weights=none",
+        "-o", "dataset.num_classes=3", "-o", "task.label_smoothing=0",
+    ])
+    assert result.exit_code == 0, result.output
+    saved = tomllib.loads((run / "config.toml").read_text())
+    assert saved["plugins"]["steplr"] == {"step_size": 1, "gamma": 1.0} and isinstance(saved["plugins"]["steplr"]["gamma"], float)
+    assert saved["model"] == {"name": "smallcnn", "width": 8, "weights": "none"}  # (TOML has no null)
+    assert saved["dataset"]["num_classes"] == 3 and saved["task"]["label_smoothing"] == 0.0
+    assert resolve_config(run / "config.toml").model_options == {"width": 8, "weights": "none"}
+

@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from click.testing import CliRunner
+
 from trainer_core import PluginError, UsageError, hookimpl, make_plugin_manager
+from trainer_core.cli import make_cli
+from trainer_core.config import resolve_config, tomllib
 from trainer_core.entrypoints import PLUGINS, Registry
 from trainer_core.pluginmanager import check_plugin, implemented_hooks, register
 from trainer_core.runner import load_plugins
@@ -89,6 +93,30 @@ def test_the_same_name_from_two_distributions_names_both(fake_entry_points):
     message = str(info.value)
     assert "plugin name 'twin' is declared by" in message
     assert "'first-dist' (good_plugin:Good)" in message and "'second-dist' (other_plugin:Good)" in message
+
+
+def test_dist_colon_name_picks_one_of_two_distributions_everywhere(fake_entry_points, tmp_path):
+    fake_entry_points("first-dist", {PLUGINS: {"twin": "good_plugin:Good"}}, modules={"good_plugin": GOOD})
+    fake_entry_points("second-dist", {PLUGINS: {"twin": "other_plugin:Good"}},
+                      modules={"other_plugin": GOOD.replace("A plugin with options.", "The other twin.")})
+    with pytest.raises(UsageError, match=r"choose one with --plugins (first|second)-dist:twin \(DIST:NAME\)"):
+        Registry(PLUGINS).get("twin")
+    assert Registry(PLUGINS).get("second_dist:twin").value == "other_plugin:Good"  # names compare as pip's do
+    with pytest.raises(UsageError, match="no distribution 'third-dist' declares plugin 'twin'"):
+        Registry(PLUGINS).get("third-dist:twin")
+
+    run = tmp_path / "run"
+    args = ["run", "--dataset", "fake", "--epochs", "1", "--device", "cpu", "-q", "--run-dir", str(run),
+            "--plugins", "second-dist:twin", "-o", "twin.limit=2"]
+    result = CliRunner().invoke(make_cli(), args)
+    assert result.exit_code == 0, result.output
+    saved = tomllib.loads((run / "config.toml").read_text())
+    assert saved["plugins"]["second-dist:twin"] == {"limit": 2.0}  # (typed, and the choice is kept)
+    pm = make_plugin_manager()
+    load_plugins(pm, resolve_config(run / "config.toml").plugins)  # the saved config repeats the choice
+    assert type(pm.get_plugin("twin")).__module__ == "other_plugin" and pm.get_plugin("twin").limit == 2.0
+    config = resolve_config(run / "config.toml", plugins=["no:twin"])
+    assert not any(key.endswith("twin") for key in config.plugins)
 
 
 class Misspelled:

@@ -20,6 +20,12 @@ def progress(bar: str = "auto", refresh_per_second: float = 10.0) -> Progress:
     return plugin
 
 
+def test_one_epoch_of_one_step_is_singular() -> None:
+    plugin = progress()
+    run_tiny({"progress": plugin}, epochs=1, batch_size=48)
+    assert "48 train / 24 validation samples, 1 epoch of 1 step, batch 48," in plugin.stream.getvalue()
+
+
 def test_plain_lines_off_a_terminal() -> None:
     plugin = progress()
     trainer = run_tiny({"progress": plugin}, epochs=3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pluggy
 
 from trainer_core import __version__
 from trainer_core.commands import add_commands
-from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, TASKS, Entry, Registry, conflict_message
+from trainer_core.entrypoints import DATASETS, FACTORY_ARGUMENTS, MODELS, PLUGINS, TASKS, Entry, Registry, conflict_message
 from trainer_core.errorreport import closed_output_exits, debug_option, reports_errors
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.pluginmanager import check_plugin, implemented_hooks, make_plugin_manager
@@ -129,8 +130,11 @@ def list_entries(group: str, kind: str, describe: Callable[[Entry], list[str]]) 
 
 
 def summary_of(target: object) -> list[str]:
-    """The first paragraph of ``target``'s docstring, on one line (none when it has none)."""
-    summary = (inspect.getdoc(target) or "").split("\n\n")[0].replace("\n", " ")
+    """The first paragraph of ``target``'s docstring, on one line, up to its fields
+    (``:param x:``...; none when it has no such text)."""
+    first = (inspect.getdoc(target) or "").split("\n\n")[0].splitlines()
+    prose = itertools.takewhile(lambda line: not line.startswith(":"), first)
+    summary = " ".join(line.strip() for line in prose)
     return [summary] if summary else []
 
 
@@ -327,16 +331,21 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         @debug_option
         @reports_errors
         def show() -> None:
-            registry = Registry(group)
-            if not registry.names():
-                click.echo(f"no {kind}s installed")
-            for entries in registry.entries():
-                for entry in entries:
-                    click.echo(f"{entry.name}  ({entry.distribution})  {entry.value}")
-                if len(entries) > 1:
-                    click.echo(f"    error: {conflict_message(entries)}")
+            from trainer_core.options import options_of
 
-        show.__doc__ = f"List installed {kind}s and the distribution of each (nothing is imported)."
+            def describe(entry: Entry) -> list[str]:
+                factory = entry.load()
+                options = options_of(factory, skip=FACTORY_ARGUMENTS[group])
+                # A factory whose docstring is all fields is summed up by its module's.
+                summary = summary_of(factory) or summary_of(inspect.getmodule(factory))
+                return [*summary, f"options: {'; '.join(o.describe() for o in options) or 'none'}"]
+
+            list_entries(group, kind, describe)
+
+        show.__doc__ = f"""List installed {kind}s: distribution and options.
+
+        A {kind} that fails to load shows its error in its row.
+        """
         return show
 
     @cli.command()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
+from trainer_core.entrypoints import split_choice
 from trainer_core.errors import UsageError
 from trainer_core.options import coerce
 from trainer_core.suggest import did_you_mean
@@ -162,24 +163,48 @@ def _apply_plugin_table(config: RunConfig, table: Any, where: str) -> None:
         raise UsageError(f"'plugins' in {where} must be a table: write [plugins.NAME] sections")
     for name, value in table.items():
         if value is False:
-            config.plugins.pop(name, None)
+            _turn_off(config, name)
         elif value is True:
-            config.plugins.setdefault(name, {})
+            _turn_on(config, name)
         elif isinstance(value, dict):
-            config.plugins.setdefault(name, {}).update(value)
+            config.plugins[_turn_on(config, name)].update(value)
         else:
             raise UsageError(f"plugins.{name} in {where} must be a table of options, true or false")
 
 
+def plugin_key(plugins: Mapping[str, Any], name: str) -> str | None:
+    """The key of ``plugins`` that turns on plugin ``name`` (``NAME`` or ``DIST:NAME``), if any."""
+    wanted = split_choice(name)[1]
+    return next((key for key in plugins if split_choice(key)[1] == wanted), None)
+
+
+def _turn_on(config: RunConfig, spec: str) -> str:
+    """Turn on the plugin ``spec`` names and return its key.  ``DIST:NAME`` (the
+    plugin of one distribution, when two declare ``NAME``) takes the place of the
+    plugin's key, keeping its options; a plain name keeps a choice made before."""
+    key = plugin_key(config.plugins, spec)
+    if key is None or (split_choice(spec)[0] is not None and key != spec):
+        config.plugins[spec] = config.plugins.pop(key, {}) if key is not None else {}
+        return spec
+    return key
+
+
+def _turn_off(config: RunConfig, spec: str) -> None:
+    key = plugin_key(config.plugins, spec)
+    if key is not None:
+        del config.plugins[key]
+
+
 def apply_plugin_list(config: RunConfig, spec: Iterable[str]) -> None:
-    """Enable ``name`` or disable ``no:name`` for each comma-separated entry."""
+    """Enable ``name`` (or ``DIST:name``, the one of distribution ``DIST``) or disable
+    ``no:name`` for each comma-separated entry."""
     for item in (part.strip() for chunk in spec for part in chunk.split(",")):
         if not item:
             continue
         if item.startswith("no:"):
-            config.plugins.pop(item[3:], None)
+            _turn_off(config, item[3:])
         else:
-            config.plugins.setdefault(item, {})
+            _turn_on(config, item)
 
 
 def apply_option_overrides(config: RunConfig, overrides: Iterable[str]) -> None:
@@ -191,8 +216,8 @@ def apply_option_overrides(config: RunConfig, overrides: Iterable[str]) -> None:
             raise UsageError(f"option '{text}' is not of the form NAME.KEY=VALUE (e.g. -o steplr.gamma=0.5)")
         if owner in RESERVED_OWNERS:
             getattr(config, f"{owner}_options")[key] = value
-        elif owner in config.plugins:
-            config.plugins[owner][key] = value
+        elif (plugin := plugin_key(config.plugins, owner)) is not None:
+            config.plugins[plugin][key] = value
         else:
             raise UsageError(f"option '{owner}.{key}' is for plugin '{owner}', which is not enabled; add --plugins {owner}")
 

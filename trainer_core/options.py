@@ -89,6 +89,26 @@ def bind_options(
     return bound
 
 
+def stored_options(
+    target: Callable[..., Any], raw: Mapping[str, Any], owner: str, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``raw`` options (checked by :func:`bind_options`) as their declared types, in
+    the form a TOML file holds them: a run's ``config.toml`` then says ``step_size =
+    1``, not the ``"1"`` that ``-o`` gave.  TOML has no null, so ``None`` stays
+    ``"none"``; paths are strings: :func:`coerce` reads both back."""
+    return {key: _toml_value(value) for key, value in bind_options(target, raw, owner, skip).items()}
+
+
+def _toml_value(value: Any) -> Any:
+    if value is None:
+        return "none"
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_toml_value(item) for item in value]
+    return value
+
+
 def coerce(value: Any, annotation: Any) -> Any:
     """Convert ``value`` (a string from the command line or a TOML value) to
     ``annotation``; raise ``ValueError`` when it does not fit."""

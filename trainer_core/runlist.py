@@ -152,7 +152,8 @@ def find_runs(folder: Path) -> list[Path]:
         return any((path / name).exists() for name in (CONFIG, SUMMARY, METRICS))
 
     if not folder.is_dir():
-        raise UsageError(f"{folder} is not a folder; runs are written under --runs-root (default: runs)")
+        raise UsageError(f"{folder} is not a folder; give the folder that holds the run folders: trainer runs FOLDER "
+                         "(trainer run writes them under its --runs-root, runs by default)")
     if is_run(folder):
         return [folder]
     return sorted(p for p in folder.iterdir() if p.is_dir() and is_run(p))

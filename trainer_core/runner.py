@@ -18,9 +18,9 @@ from trainer_core.checkpointing import describe_misfit
 from trainer_core.config import RunConfig
 from trainer_core.data import DataBundle
 from trainer_core.distributed import broadcast_object, check_config, init_for_library, rank
-from trainer_core.entrypoints import DATASETS, MODELS, PLUGINS, Registry
+from trainer_core.entrypoints import DATASETS, FACTORY_ARGUMENTS, MODELS, PLUGINS, TASKS, Registry
 from trainer_core.errors import UsageError
-from trainer_core.options import bind_options
+from trainer_core.options import bind_options, stored_options
 from trainer_core.pluginmanager import instantiate, make_plugin_manager, register
 from trainer_core.rundir import RunDir, default_run_path
 from trainer_core.runtime import seed_everything, select_device
@@ -32,17 +32,18 @@ from trainer_core.transfer import warn_on_normalization
 
 
 def load_plugins(pm: pluggy.PluginManager, wanted: Mapping[str, Mapping[str, Any]]) -> None:
-    """Load, configure, check and register each wanted plugin by entry-point name."""
+    """Load, configure, check and register each wanted plugin by entry-point name
+    (``NAME``, or ``DIST:NAME`` when two distributions declare ``NAME``)."""
     registry = Registry(PLUGINS)
     for name, options in wanted.items():
         entry = registry.get(name)
-        register(pm, name, instantiate(entry, options), origin=entry.describe())
+        register(pm, entry.name, instantiate(entry, options), origin=entry.describe())
 
 
 def load_dataset(name: str, options: Mapping[str, Any], data_root: str | None) -> DataBundle:
     entry = Registry(DATASETS).get(name)
     factory = entry.load()
-    kwargs = bind_options(factory, options, owner="dataset", skip=("data_root",))
+    kwargs = bind_options(factory, options, owner="dataset", skip=FACTORY_ARGUMENTS[DATASETS])
     if "data_root" in inspect.signature(factory).parameters:
         kwargs["data_root"] = Path(data_root) if data_root else None
     elif data_root:
@@ -61,7 +62,7 @@ def build_model(name: str, options: Mapping[str, Any], data: DataBundle, outputs
     sample (its factory's ``num_classes``: what the task's :meth:`~trainer_core.Task.output_size` says)."""
     entry = Registry(MODELS).get(name)
     factory = entry.load()
-    kwargs = bind_options(factory, options, owner="model", skip=("input_shape", "num_classes"))
+    kwargs = bind_options(factory, options, owner="model", skip=FACTORY_ARGUMENTS[MODELS])
     try:
         model = factory(input_shape=tuple(data.input_shape), num_classes=outputs, **kwargs)
     except ValueError as exc:
@@ -69,6 +70,19 @@ def build_model(name: str, options: Mapping[str, Any], data: DataBundle, outputs
     if not isinstance(model, nn.Module):
         raise UsageError(f"model '{name}' ({entry.describe()}) returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def keep_typed_options(config: RunConfig) -> None:
+    """Hold every option of ``config`` as its declared type (:func:`~trainer_core.options.stored_options`),
+    so that ``config.toml`` and checkpoints record ``step_size = 1``, not ``-o``'s ``"1"``."""
+    plugins = Registry(PLUGINS)
+    config.plugins = {key: stored_options(plugins.get(key).load(), raw, key) if raw else raw
+                      for key, raw in config.plugins.items()}
+    for owner, group in (("model", MODELS), ("dataset", DATASETS), ("task", TASKS)):
+        raw = getattr(config, f"{owner}_options")
+        if raw:
+            factory = Registry(group).get(getattr(config, owner)).load()
+            setattr(config, f"{owner}_options", stored_options(factory, raw, owner, FACTORY_ARGUMENTS.get(group, ())))
 
 
 def run_path_for(config: RunConfig) -> Path:
@@ -121,6 +135,7 @@ def build_run(
             model.load_state_dict(resume["model"])
         except RuntimeError:
             raise UsageError(describe_misfit(model.state_dict(), resume["model"])) from None
+    keep_typed_options(config)
     run_dir = None
     if write_files:
         # The default name holds the time: every rank takes rank zero's choice, and only rank zero writes.
