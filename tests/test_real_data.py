@@ -55,7 +55,8 @@ def test_transfer_beats_training_the_head_from_scratch(tmp_path: Path) -> None:
     helper = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(helper)  # type: ignore[union-attr]
     images = tmp_path / "images"
-    assert helper.export(images, per_class=20, val_per_class=200) == {"train": 40, "val": 400}
+    assert helper.held_out_by(pretrain) == ("pullover", "coat")
+    assert helper.export(images, helper.held_out_by(pretrain), per_class=20, val_per_class=200) == {"train": 40, "val": 400}
     accuracy = {}
     runs = {"transfer": [f"model.weights={pretrain}"], "head-from-scratch": ["model.weights=none"],
             "all-from-scratch": ["model.weights=none", "--plugins", "no:freeze"]}

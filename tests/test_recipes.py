@@ -77,13 +77,21 @@ def test_the_transfer_stages_fit_together() -> None:
     helper = load_helper()
     pretrain = load_config(SOURCE_RECIPES / "fashion-mnist-transfer-pretrain.toml")
     finetune = load_config(SOURCE_RECIPES / "fashion-mnist-transfer.toml")
-    # Stage 1 learns every class but the held-out ones, which stage 2 gets from the helper's export.
-    assert set(pretrain.dataset_options["classes"]) | set(helper.HELD_OUT) == set(FASHION_MNIST.classes)
-    assert not set(pretrain.dataset_options["classes"]) & set(helper.HELD_OUT)
+    # Stage 1 learns every class but the held-out ones (one setting), which the helper reads from its run folder.
+    assert pretrain.dataset_options == {"held_out": ["pullover", "coat"]}
+    assert helper.PRETRAIN_RUN == Path(pretrain.runs_root) / pretrain.name
     assert pretrain.plugins["checkpoint"]["save_top_k"] == 1  # one best checkpoint: what weights=<run folder> loads
     assert finetune.model_options["weights"] == f"{pretrain.runs_root}/{pretrain.name}"
     assert finetune.model == pretrain.model and finetune.data_root == "data/fashion-mnist-transfer"
     assert finetune.plugins["freeze"] == {"train": ["fc3"]}
+
+
+def pretrain_run(folder: Path, data_root: Path, *options: str) -> Path:
+    """A real (tiny) stage-1 run of the pretrain recipe on ``data_root``'s IDX files."""
+    result = CliRunner().invoke(make_cli(), ["run", "--recipe", "fashion-mnist-transfer-pretrain", "--data-root",
+                                             str(data_root), "--epochs", "1", "-q", "--run-dir", str(folder), *options])
+    assert result.exit_code == 0, result.output
+    return folder
 
 
 def test_transfer_helper_exports_png_folders(tmp_path: Path) -> None:
@@ -95,8 +103,9 @@ def test_transfer_helper_exports_png_folders(tmp_path: Path) -> None:
     arrays = write_idx_dataset(tmp_path / "idx", train=60, val=40)
     helper = load_helper()
     out = tmp_path / "export"
+    run = pretrain_run(tmp_path / "pretrain", tmp_path / "idx")
     assert helper.main(["--out", str(out), "--data-root", str(tmp_path / "idx"), "--per-class", "3",
-                        "--val-per-class", "2"]) == 0
+                        "--val-per-class", "2", "--from-run", str(run)]) == 0
     data = load_folder(out, image_size=28, resize=28, augment=False, channels=1, normalization="none")
     assert data.classes == ["coat", "pullover"] and len(data.train) == 6 and len(data.val) == 4
     first = sorted((out / "val" / "coat").iterdir())[0]  # file names are the images' indices in the IDX file
@@ -104,8 +113,31 @@ def test_transfer_helper_exports_png_folders(tmp_path: Path) -> None:
     assert np.array_equal(pixels, arrays["t10k-images-idx3-ubyte"][int(first.stem)])
     assert arrays["t10k-labels-idx1-ubyte"][int(first.stem)] == 4  # coat
     # An existing folder is never overwritten or mixed.
-    assert helper.main(["--out", str(out), "--data-root", str(tmp_path / "idx")]) == 2
+    assert helper.main(["--out", str(out), "--data-root", str(tmp_path / "idx"), "--from-run", str(run)]) == 2
     assert len(list((out / "train" / "coat").iterdir())) == 3
+
+
+def test_the_held_out_classes_are_one_setting_for_both_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer_core_plugins.datasets.imagefolder import load as load_folder
+    from test_datasets import write_idx_dataset
+
+    write_idx_dataset(tmp_path / "idx", train=60, val=40)
+    helper = load_helper()
+    run = pretrain_run(tmp_path / "pretrain", tmp_path / "idx", "-o", "dataset.held_out=sandal,sneaker")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    trained_on = load_config(run / "config.toml").dataset_options
+    assert trained_on == {"held_out": ["sandal", "sneaker"]}
+    # Stage 2's images are the classes stage 1 never saw, with no second setting to keep in step.
+    common = ["--data-root", str(tmp_path / "idx"), "--per-class", "2", "--val-per-class", "2", "--from-run", str(run)]
+    assert helper.main(["--out", str(tmp_path / "export"), *common]) == 0
+    data = load_folder(tmp_path / "export", image_size=28, resize=28, augment=False, channels=1, normalization="none")
+    assert data.classes == ["sandal", "sneaker"]
+    # Classes the pretrained model has seen are refused, and no folder is written.
+    assert helper.main(["--out", str(tmp_path / "leak"), *common, "--classes", "coat,sandal"]) == 2
+    assert "coat not held out by the run" in capsys.readouterr().err and not (tmp_path / "leak").exists()
+    assert helper.main(["--out", str(tmp_path / "none"), "--from-run", str(tmp_path / "nothing")]) == 2
+    assert "run stage 1 first" in capsys.readouterr().err
 
 
 def test_recipe_descriptions_and_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -228,7 +228,10 @@ def on_eval(trainer: Trainer, metrics: Mapping[str, float]) -> None:
     """Called after each evaluation with the merged metrics of the epoch.
     Consumers (checkpointing, loggers, schedulers on a monitored metric,
     early stopping) act here.  The same mapping is in ``trainer.state.metrics``
-    and is written to ``metrics.jsonl``.
+    and is written to ``metrics.jsonl``.  Weights a plugin restores when training
+    ends (the checkpoint plugin's best) are evaluated once more, within
+    ``on_fit_end``: ``trainer.state.restored`` then says which, and nothing is
+    written to ``metrics.jsonl`` (see ``Trainer.evaluate_restored``).
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param metrics: ``epoch``, ``step``, ``train/loss``, the task's metrics

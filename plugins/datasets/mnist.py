@@ -67,6 +67,7 @@ def load_mnist(
     download: bool = False,
     normalize: bool = False,
     classes: list[str] | None = None,
+    held_out: list[str] | None = None,
 ) -> DataBundle:
     """MNIST handwritten digits, ``1 x 28 x 28``.
 
@@ -74,8 +75,10 @@ def load_mnist(
     :param download: fetch missing files with torchvision's downloader (needs a network).
     :param normalize: standardise with the training images' mean and std (the seed did not).
     :param classes: keep only these classes (names or indices), numbered in the order given.
+    :param held_out: leave out these classes (names or indices); the others keep their order.
     """
-    return load_idx_dataset(MNIST, data_root, download=download, normalize=normalize, classes=classes)
+    return load_idx_dataset(MNIST, data_root, download=download, normalize=normalize, classes=classes,
+                            held_out=held_out)
 
 
 def load_fashion_mnist(
@@ -83,6 +86,7 @@ def load_fashion_mnist(
     download: bool = False,
     normalize: bool = False,
     classes: list[str] | None = None,
+    held_out: list[str] | None = None,
 ) -> DataBundle:
     """Fashion-MNIST clothing images, ``1 x 28 x 28``; class names: tshirt, trouser,
     pullover, dress, coat, sandal, shirt, sneaker, bag, ankle-boot.
@@ -92,8 +96,10 @@ def load_fashion_mnist(
     :param download: fetch missing files with torchvision's downloader (needs a network).
     :param normalize: standardise with the training images' mean and std (the seed did not).
     :param classes: keep only these classes (names or indices), numbered in the order given.
+    :param held_out: leave out these classes (names or indices); the others keep their order.
     """
-    return load_idx_dataset(FASHION_MNIST, data_root, download=download, normalize=normalize, classes=classes)
+    return load_idx_dataset(FASHION_MNIST, data_root, download=download, normalize=normalize, classes=classes,
+                            held_out=held_out)
 
 
 def load_idx_dataset(
@@ -103,9 +109,10 @@ def load_idx_dataset(
     download: bool = False,
     normalize: bool = False,
     classes: Sequence[str] | None = None,
+    held_out: Sequence[str] | None = None,
 ) -> DataBundle:
     """Read ``variant``'s four IDX files into a :class:`DataBundle`."""
-    keep = select_classes(variant.classes, classes) if classes is not None else None
+    keep = kept_classes(variant.classes, classes, held_out)
     roots = (data_root,) if data_root is not None else variant.default_roots
     paths = find_files(variant, roots)
     if paths is None and download:
@@ -136,10 +143,24 @@ def load_idx_dataset(
     return DataBundle(train=splits["train"], val=splits["val"], classes=names, input_shape=(1, 28, 28), mean=mean, std=std)
 
 
-def select_classes(known: Sequence[str], wanted: Sequence[str]) -> list[int]:
+def kept_classes(known: Sequence[str], classes: Sequence[str] | None, held_out: Sequence[str] | None) -> list[int] | None:
+    """Indices of the classes a dataset keeps (``None``: all): those of ``classes``,
+    or all but those of ``held_out``; ``ValueError`` when both are given or none is left."""
+    if classes is not None and held_out is not None:
+        raise ValueError("classes and held_out exclude each other; name the classes to keep or to leave out")
+    if held_out is None:
+        return select_classes(known, classes) if classes is not None else None
+    left_out = select_classes(known, held_out, "held_out")
+    keep = [index for index in range(len(known)) if index not in left_out]
+    if not keep:
+        raise ValueError("held_out leaves no class; leave out fewer")
+    return keep
+
+
+def select_classes(known: Sequence[str], wanted: Sequence[str], option: str = "classes") -> list[int]:
     """Indices of the ``wanted`` classes, given by name or index; ``ValueError`` when unknown."""
     if not wanted:
-        raise ValueError("classes must name at least one class")
+        raise ValueError(f"{option} must name at least one class")
     indices = []
     for item in wanted:
         text = str(item).strip()
@@ -148,9 +169,9 @@ def select_classes(known: Sequence[str], wanted: Sequence[str]) -> list[int]:
         elif text.isdigit() and int(text) < len(known):
             index = int(text)
         else:
-            raise ValueError(f"unknown class {text!r} in classes; the classes are: {', '.join(known)} (or 0..{len(known) - 1})")
+            raise ValueError(f"unknown class {text!r} in {option}; the classes are: {', '.join(known)} (or 0..{len(known) - 1})")
         if index in indices:
-            raise ValueError(f"class {known[index]!r} is listed twice in classes")
+            raise ValueError(f"class {known[index]!r} is listed twice in {option}")
         indices.append(index)
     return indices
 
