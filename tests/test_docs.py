@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from trainer_core import docgen, hookspecs
+from trainer_core.config import tomllib
 from trainer_core.pluginmanager import hook_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,3 +94,15 @@ def test_the_guides_plugin_package_installs_lists_and_passes_its_tests(tmp_path:
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=package,
                            capture_output=True, text=True, env=env, timeout=300)
     assert tests.returncode == 0 and "3 passed" in tests.stdout, tests.stdout[-3000:]
+
+
+def test_the_readme_says_how_to_get_pytorchs_cpu_build_first() -> None:
+    """Issue 15, item 9: a machine without a GPU need not download CUDA wheels."""
+    first_screen = (ROOT / "README.md").read_text(encoding="utf-8").split("\n---\n")[0]
+    command = next(line.split() for line in first_screen.splitlines() if "download.pytorch.org/whl/cpu" in line)
+    assert command[command.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    torch_family = {re.match(r"[\w-]+", d).group() for d in project["dependencies"] if d.startswith("torch")}
+    assert torch_family and torch_family <= set(command), f"the CPU install must name every torch package we need: {torch_family}"
+    venv = [line for line in first_screen.splitlines() if line.startswith("    python3 -m venv")]
+    assert "--index-url" not in venv[0] + venv[1]  # the two first-screen commands stay as they were
