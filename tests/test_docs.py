@@ -8,6 +8,8 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,92 @@ def test_the_readme_says_how_to_get_pytorchs_cpu_build_first() -> None:
     assert torch_family and torch_family <= set(command), f"the CPU install must name every torch package we need: {torch_family}"
     venv = [line for line in first_screen.splitlines() if line.startswith("    python3 -m venv")]
     assert "--index-url" not in venv[0] + venv[1]  # the two first-screen commands stay as they were
+
+
+# -- the docs' examples run -------------------------------------------------------------------------------------
+# Every ```python block of the README and docs/*.md (not the generated references) runs here, in order,
+# one namespace per document, as a reader would paste them.  A block that starts with a comment naming a
+# file ("# my_plugin.py", "# src/pkg/__init__.py") is also importable as that module.  Then the test_*
+# functions the blocks define are called, and every plugin class they define trains in one tiny run.
+# A block that cannot run here (a GPU, a download) starts with SKIP and says why: rarely, and visibly.
+SKIP = "# Not run by tests/test_docs.py:"
+GENERATED = "<!-- Generated from"
+DOCUMENTS = sorted(p.relative_to(ROOT).as_posix() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+                   if GENERATED not in p.read_text(encoding="utf-8")[:500])
+
+
+def python_examples(text: str) -> list[str]:
+    """Every ```python block, fenced at any indentation (in a list item too), dedented."""
+    return [textwrap.dedent(block) for _, block in re.findall(r"^( *)```python\n(.*?)^\1```", text, flags=re.M | re.S)]
+
+
+def module_named(block: str) -> str | None:
+    """``my_plugin`` for a block whose first line is ``# my_plugin.py`` (or ``# src/my_plugin/__init__.py``)."""
+    first = re.fullmatch(r"# ([\w/]+)\.py", block.splitlines()[0].strip()) if block.strip() else None
+    if first is None:
+        return None
+    parts = first.group(1).split("/")
+    parts = parts[1:] if parts[0] == "src" else parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_plugin_class(value: object) -> bool:
+    return inspect.isclass(value) and any(hasattr(getattr(value, a, None), "trainer_impl") for a in dir(value))
+
+
+def test_every_document_with_examples_is_checked() -> None:
+    assert {"README.md", "docs/plugins.md", "docs/tasks.md"} <= set(DOCUMENTS)
+    assert "docs/hooks.md" not in DOCUMENTS  # generated from the code, checked above
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_the_documents_python_examples_run(document: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer_core.testing import run_tiny
+
+    blocks = python_examples((ROOT / document).read_text(encoding="utf-8"))
+    namespace: dict[str, object] = {"__name__": "docs_example"}
+    monkeypatch.chdir(tmp_path)
+    for number, block in enumerate(blocks, 1):
+        if block.startswith(SKIP):
+            continue
+        where = f"{document}, python block {number}"
+        name = module_named(block)
+        if name is None:
+            exec(compile(block, where, "exec"), namespace)
+            continue
+        module = types.ModuleType(name)
+        module.__file__ = str(tmp_path / f"{name}.py")
+        monkeypatch.setitem(sys.modules, name, module)
+        exec(compile(block, where, "exec"), module.__dict__)
+        namespace.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
+
+    for name, test in [(n, v) for n, v in namespace.items() if n.startswith("test_") and callable(v)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        test(**{"tmp_path": folder} if "tmp_path" in inspect.signature(test).parameters else {})
+    plugins = {name.lower(): value() for name, value in namespace.items() if is_plugin_class(value)
+               and all(p.default is not p.empty for p in inspect.signature(value).parameters.values())}
+    if plugins:
+        trainer = run_tiny(plugins, epochs=2)
+        assert trainer.state.epoch >= 1 and trainer.state.metrics
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_the_documents_run_configs_load(document: str) -> None:
+    from trainer_core.config import apply_mapping, RunConfig
+
+    for block in code_blocks((ROOT / document).read_text(encoding="utf-8"), "toml"):
+        data = tomllib.loads(block)
+        if not {"project", "build-system"} & data.keys():  # (a package's pyproject.toml)
+            apply_mapping(RunConfig(), data, document).validate()
+
+
+def test_a_broken_example_fails_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's example as issue 15 found it: its LossAlarm refuses limit=0.0, so its test fails."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "LossAlarm(limit=1e-9)" in readme
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "README.md").write_text(readme.replace("LossAlarm(limit=1e-9)", "LossAlarm(limit=0.0)"))
+    with pytest.raises(ValueError, match="limit must be > 0"):
+        test_the_documents_python_examples_run("README.md", tmp_path, monkeypatch)
+

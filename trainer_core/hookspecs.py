@@ -17,7 +17,7 @@ The order of one run with evaluation every epoch::
         for each training batch:
             on_batch_start
             on_before_backward
-            on_before_optimizer_step
+            on_before_optimizer_step        (a batch that steps the optimizer)
             on_batch_end
             on_train_log                    (every ``log_every_n_steps`` steps)
         on_train_log                        (the epoch's last, partial interval)
@@ -89,8 +89,15 @@ def on_fit_start(trainer: Trainer) -> None:
 def on_epoch_start(trainer: Trainer, epoch: int) -> None:
     """Called at the start of each training epoch, after ``model.train()``.
 
+    A run resumed from a mid-epoch checkpoint calls it again for the epoch it
+    stopped in, with the same ``epoch``: that epoch's first ``on_batch_start``
+    then has a ``batch_idx`` above 0 (the batches done before are not run
+    again).  A plugin that resets per-epoch state here and needs the whole
+    epoch's worth saves that state in ``plugin_state_dict``.
+
     :param trainer: the running :class:`~trainer_core.Trainer`.
-    :param epoch: the epoch about to run, counted from 1.
+    :param epoch: the epoch about to run (or to finish, on a mid-epoch
+        resume), counted from 1.
     :return: ignored.
     """
 
@@ -101,7 +108,8 @@ def on_batch_start(trainer: Trainer, batch_idx: int, inputs: torch.Tensor, targe
     the forward pass.
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
-    :param batch_idx: index of the batch within the epoch, from 0.
+    :param batch_idx: index of the batch within the epoch, from 0 (the first
+        one after a mid-epoch resume is above 0).
     :param inputs: the batch's inputs, on the training device, normalised.
     :param targets: the batch's targets, on the training device, in the task's
         form (``trainer.task.name``): class indices for classification, float
@@ -255,8 +263,8 @@ def on_epoch_end(trainer: Trainer, epoch: int) -> None:
 
 @hookspec
 def on_fit_end(trainer: Trainer) -> None:
-    """Called once when training ends normally or is stopped by a plugin
-    (``trainer.state.stop_reason`` says why).  Restore best weights, print
+    """Called once when training ends normally or is stopped by a plugin, by
+    Ctrl-C or by SIGTERM (``trainer.state.stop_reason`` says why).  Restore best weights, print
     reports and close writers here.  Not called when an exception escapes;
     see :func:`on_exception`.
 
@@ -267,10 +275,15 @@ def on_fit_end(trainer: Trainer) -> None:
 
 @hookspec
 def on_exception(trainer: Trainer, exception: BaseException) -> None:
-    """Called when an exception escapes the training loop (including
-    ``KeyboardInterrupt``), before it propagates.  Close files and release
-    resources; do not raise.  An exception raised here is reported and does
-    not hide the original one.
+    """Called when an exception escapes the training loop, before it
+    propagates.  Close files and release resources; do not raise.  An
+    exception raised here is reported and does not hide the original one.
+
+    A first Ctrl-C (SIGINT) or SIGTERM is not an exception: the run stops after
+    the current step as :meth:`~trainer_core.Trainer.request_stop` stops it,
+    a checkpoint writer saves (``plugin_state_dict``), ``on_fit_end`` runs
+    and the program exits 130 or 143.  A second Ctrl-C raises
+    ``KeyboardInterrupt`` at once, which does come here.
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param exception: the exception that ended the run.

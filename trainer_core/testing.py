@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 def tiny_data(
     num_classes: int = 3, train_size: int = 48, val_size: int = 24, shape: tuple[int, ...] = (1, 4, 4), seed: int = 0
 ) -> DataBundle:
-    """A synthetic dataset a linear model learns in a few steps."""
+    """A synthetic dataset a linear model learns in a few steps: ``num_classes``
+    classes of ``shape``-shaped float images, ``train_size`` and ``val_size``
+    samples, the same for the same ``seed``."""
     from trainer_core_plugins.datasets.fake import load
 
     return load(
@@ -50,7 +52,7 @@ def tiny_data(
 
 
 def tiny_model(input_shape: tuple[int, ...] = (1, 4, 4), num_classes: int = 3) -> nn.Module:
-    """Flatten, then one hidden layer: small enough for microsecond steps."""
+    """Flatten, then one hidden layer of 16: small enough for microsecond steps."""
     from math import prod
 
     from torch import nn
@@ -68,13 +70,22 @@ def run_tiny(
     fit: bool = True,
     **settings: Any,
 ) -> Trainer:
-    """Build (and by default fit) a real :class:`Trainer` on :func:`tiny_data`.
+    """Build (and by default fit) a real :class:`Trainer`: by default
+    :func:`tiny_model` on :func:`tiny_data`'s 48 training and 24 validation
+    samples, that is 3 training batches and 2 validation batches of 16 an epoch.
 
-    :param plugins: plugins to register, by name.
-    :param run_dir: a folder for the run's files, or ``None`` for none.
-    :param fit: ``False`` returns the trainer unstarted.
+    :param plugins: plugins to register, by name (the name keys their saved state).
+    :param pm: a plugin manager to use (a fresh one when omitted).
+    :param data: a :class:`~trainer_core.DataBundle` to train on instead of :func:`tiny_data`
+        (your dataset factory's result, to test it in a real run).
+    :param model: a model to train instead of :func:`tiny_model` (your model
+        factory's result; it must fit ``data``).
+    :param run_dir: a folder for the run's files (replaced if it holds a run), or
+        ``None`` for none.
+    :param fit: ``False`` returns the trainer unstarted, to call hooks on a real trainer.
     :param settings: :class:`~trainer_core.RunConfig` fields; the defaults are
         2 epochs, batch size 16, lr 0.05, the CPU, seed 0 and no default plugins.
+    :return: the trainer; after fitting, ``trainer.state`` holds the run's progress and metrics.
     """
     from trainer_core.config import RunConfig
     from trainer_core.rundir import RunDir
@@ -94,10 +105,13 @@ def run_tiny(
 
 
 class HookRecorder:
-    """A plugin implementing every hook; ``calls`` holds ``(hook, kwargs)`` in call order.
+    """A plugin implementing every hook, recording each call in order.
 
     ``collect_eval_metrics`` returns nothing and ``plugin_state_dict`` returns
     ``None``, so the recorder never changes a run.
+
+    :ivar calls: ``(hook name, {argument: value})`` for every call, in call order;
+        the values are the objects the hook got (the trainer, tensors...), not copies.
     """
 
     def __init__(self) -> None:
@@ -164,6 +178,7 @@ def plugin_manager() -> pluggy.PluginManager:
 
 @pytest.fixture
 def hook_recorder() -> HookRecorder:
+    """A fresh :class:`HookRecorder`: register it with ``run_tiny({"rec": hook_recorder})``."""
     return HookRecorder()
 
 
