@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_core import docgen, hookspecs
+from trainer_core import apidoc, docgen, hookspecs
 from trainer_core.config import tomllib
 from trainer_core.pluginmanager import hook_names
 
@@ -29,6 +29,44 @@ def test_hook_reference_matches_the_specs() -> None:
 def test_hook_order_table_matches_a_real_run() -> None:
     guide = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
     assert guide == docgen.replace_section(guide, docgen.render_order()), REGENERATE
+
+
+def test_api_reference_matches_the_docstrings() -> None:
+    assert (ROOT / "docs" / "api.md").read_text(encoding="utf-8") == apidoc.render_api(), REGENERATE
+
+
+def test_api_reference_covers_what_plugin_model_and_dataset_authors_use() -> None:
+    import dataclasses
+
+    from trainer_core.config import RunConfig
+    from trainer_core.plugin_api import PluginAPI
+
+    page = apidoc.render_api()
+    for heading in ("### run_tiny", "### tiny_data", "### tiny_model", "### write_fake_distribution", "### HookRecorder",
+                    "#### recorder.names", "### DataBundle", "### TensorSplit", "## TrainState", "## RunConfig",
+                    "#### trainer.request_stop", "#### trainer.save_checkpoint", "#### trainer.evaluate"):
+        assert f"\n{heading}\n" in page, heading
+    assert "- `data`: " in page and "- `model`: " in page and "- `calls`: " in page and "- `fake_entry_points`: " in page
+    assert all(f"| `{f.name}` |" in page for f in dataclasses.fields(RunConfig))
+    assert all(f"| `trainer.{name}` |" in page for name in ("config", "state", "model", "optimizer", "data", "task", "strategy"))
+    assert set(apidoc._ivars(PluginAPI)) <= set(inspect.get_annotations(PluginAPI))
+
+
+def test_api_reference_refuses_an_undocumented_field() -> None:
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Half:
+        """Half documented.
+
+        :ivar kept: documented.
+        """
+
+        kept: int = 0
+        forgotten: int = 1
+
+    with pytest.raises(ValueError, match=r"Half.forgotten is not documented"):
+        apidoc._dataclass_table(Half)
 
 
 @pytest.mark.parametrize("name", hook_names())

@@ -29,7 +29,19 @@ RESERVED_OWNERS = ("model", "dataset", "task")
 
 @dataclass
 class RunConfig:
-    """Everything a run needs to be built; written to the run folder as ``config.toml``."""
+    """Everything a run needs to be built; written to the run folder as ``config.toml``.
+
+    A field is set by its name in a config file (``epochs = 20``) or by its
+    ``trainer run`` option; its type decides how a value is read.
+
+    :ivar model_options: the model's options (``-o model.KEY=VALUE``, or the
+        ``[model]`` table beside ``name``), each as its declared type.
+    :ivar dataset_options: the dataset's options (``-o dataset.KEY=VALUE``, ``[dataset]``).
+    :ivar task_options: the task's options (``-o task.KEY=VALUE``, ``[task]``).
+    :ivar plugins: the plugins turned on, by name (``DIST:NAME`` for one of two
+        distributions' plugins of that name), each with its options
+        (``--plugins``, ``-o NAME.KEY=VALUE``, ``[plugins.NAME]``).
+    """
 
     model: str = "smallcnn"
     dataset: str = "digits"

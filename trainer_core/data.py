@@ -83,6 +83,8 @@ class DataBundle:
 
     @property
     def num_classes(self) -> int:
+        """The number of names in ``classes``: the model's outputs per sample for
+        classification (a task may ask for another number: ``Task.output_size``)."""
         return len(self.classes)
 
 

@@ -41,6 +41,9 @@ class PluginAPI:
     :ivar world_size: the number of processes (1 in one process).
     :ivar distributed: whether this run has several processes.
     :ivar quiet: ``True`` silences :meth:`echo` (``trainer run -q``).
+    :ivar strategy: how the run uses its processes: its ``name`` (``single``,
+        ``ddp``, ``fsdp``) and ``shards_parameters`` (whether each rank holds only
+        part of each parameter: read them through :meth:`full_tensor`).
     """
 
     config: RunConfig
