@@ -17,6 +17,7 @@ import atexit
 import math
 import multiprocessing
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -173,8 +174,11 @@ class Batches:
             self.sampler = EpochBatchSampler(self)
             workers = default_workers() if num_workers is None else num_workers
             self.loader = DataLoader(
-                ReadErrorsNamed(split),
+                SeededSamples(ReadErrorsNamed(split), seed),
                 batch_sampler=self.sampler,
+                # Its own generator: drawing the workers' base seed leaves the run's random stream alone,
+                # with any number of loader processes (0 draws it again every epoch).
+                generator=torch.Generator().manual_seed(seed),
                 num_workers=workers,
                 pin_memory=device.type == "cuda",
                 persistent_workers=workers > 0,  # workers outlive an epoch: no start-up cost per epoch
@@ -287,8 +291,35 @@ class ReadErrorsNamed(Dataset):  # type: ignore[type-arg]
             raise UnreadableSample(f"cannot read {where} ({detail}); replace or remove it") from None
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """This rank's batches of one epoch (:meth:`Batches.local_order`), from a start step.
+class SeededSamples(Dataset):  # type: ignore[type-arg]
+    """``split`` read by ``(index, epoch)`` keys, each sample under a random state
+    of its own, drawn from the run's seed, the epoch and its index: augmentation
+    (random crops and flips) is then the same with any number of loader processes,
+    any number of ranks and after a mid-epoch resume, where torch's per-process
+    streams would differ.  The state of the process around a read is left as it was."""
+
+    def __init__(self, split: Dataset, seed: int) -> None:  # type: ignore[type-arg]
+        self.split, self.seed = split, seed
+
+    def __len__(self) -> int:
+        return len(self.split)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> object:
+        index, epoch = key
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            sample_seed = (self.seed * 1_000_003 + epoch) * 2_147_483_647 + index
+            torch.manual_seed(sample_seed % 2**63)
+            random.seed(sample_seed)  # (torchvision's RandomChoice, RandomOrder draw from it)
+            try:
+                return self.split[index]
+            finally:
+                random.setstate(python_state)
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's batches of one epoch (:meth:`Batches.local_order`), from a start
+    step, as ``(index, epoch)`` keys of :class:`SeededSamples`.
 
     The loop sets ``epoch`` and ``start`` before iterating, so one DataLoader
     (and its persistent workers) serves every epoch and a mid-epoch resume.
@@ -298,15 +329,15 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.batches = batches
         self.epoch, self.start = 0, 0
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.batches
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches, epoch = self.batches, self.epoch
         if not batches.shuffle:
             for first, last in zip(batches.bounds[self.start:], batches.bounds[self.start + 1:]):
-                yield list(range(first, last))
+                yield [(index, epoch) for index in range(first, last)]
             return
-        order, step = batches.local_order(self.epoch).tolist(), batches.share
+        order, step = batches.local_order(epoch).tolist(), batches.share
         for first in range(self.start * step, len(order), step):
-            yield order[first : first + step]
+            yield [(index, epoch) for index in order[first : first + step]]
 
     def __len__(self) -> int:
         return len(self.batches) - self.start
