@@ -235,3 +235,55 @@ def test_a_broken_example_fails_the_check(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ValueError, match="limit must be > 0"):
         test_the_documents_python_examples_run("README.md", tmp_path, monkeypatch)
 
+
+
+# -- what the hook docs say holds in a real run (issue 15, item 7) ----------------------------------------------
+
+
+def test_a_first_ctrl_c_ends_the_run_through_on_fit_end_not_on_exception() -> None:
+    import signal
+
+    from trainer_core import hookimpl
+    from trainer_core.testing import HookRecorder, run_tiny
+
+    class CtrlC:
+        @hookimpl
+        def on_batch_end(self, batch_idx: int) -> None:
+            if batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    recorder = HookRecorder()
+    trainer = run_tiny({"rec": recorder, "ctrl-c": CtrlC()}, epochs=2)
+    assert trainer.signals.exit_code == 130 and trainer.state.stop_reason == "received SIGINT"
+    assert "on_fit_end" in recorder.names() and "on_exception" not in recorder.names()
+
+
+def test_a_mid_epoch_resume_calls_on_epoch_start_again_with_a_later_first_batch(tmp_path: Path) -> None:
+    from trainer_core import hookimpl, load_checkpoint
+    from trainer_core.testing import HookRecorder, run_tiny, tiny_data, tiny_model
+    from trainer_core.trainer import Trainer
+
+    saved = tmp_path / "mid-epoch.pt"
+
+    class SaveAfterTheFirstBatch:
+        @hookimpl(trylast=True)
+        def on_batch_end(self, trainer, batch_idx: int) -> None:
+            if batch_idx == 0:
+                trainer.save_checkpoint(saved)
+                trainer.request_stop("saved mid-epoch")
+
+    run_tiny({"saver": SaveAfterTheFirstBatch()}, epochs=1)
+    recorder = HookRecorder()
+    config = run_tiny(fit=False, epochs=1).config
+    Trainer(tiny_model(), tiny_data(), config, plugins={"rec": recorder}, resume=load_checkpoint(saved)).fit()
+    assert recorder.kwargs("on_epoch_start")[0]["epoch"] == 1
+    assert [k["batch_idx"] for k in recorder.kwargs("on_batch_start")] == [1, 2]
+
+
+def test_under_accumulation_on_before_optimizer_step_runs_only_for_batches_that_step() -> None:
+    from trainer_core.testing import HookRecorder, run_tiny
+
+    recorder = HookRecorder()
+    run_tiny({"rec": recorder}, epochs=1, accumulate_grad_batches=2)  # 3 batches: steps after the 2nd and the last
+    assert len(recorder.kwargs("on_batch_start")) == 3 and len(recorder.kwargs("on_before_optimizer_step")) == 2
+    assert [k["optimizer_stepped"] for k in recorder.kwargs("on_batch_end")] == [False, True, True]
