@@ -119,6 +119,19 @@ def test_dist_colon_name_picks_one_of_two_distributions_everywhere(fake_entry_po
     assert not any(key.endswith("twin") for key in config.plugins)
 
 
+def test_dist_colon_name_picks_a_model_and_the_run_folder_has_no_colon(fake_entry_points, tmp_path):
+    for dist in ("first-dist", "second-dist"):
+        fake_entry_points(dist, {"trainer.models": {"twin": "trainer_core_plugins.models.mlp:build"}})
+    args = ["run", "--dataset", "fake", "--epochs", "1", "--device", "cpu", "-q", "--runs-root", str(tmp_path / "runs")]
+    refused = CliRunner().invoke(make_cli(), [*args, "--model", "twin"])
+    assert refused.exit_code == 2 and "choose one with --model " in refused.output
+    result = CliRunner().invoke(make_cli(), [*args, "--model", "second-dist:twin"])
+    assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("twin-fake-")
+    assert tomllib.loads((run / "config.toml").read_text())["model"]["name"] == "second-dist:twin"
+
+
 class Misspelled:
     @hookimpl
     def on_bach_end(self, trainer):

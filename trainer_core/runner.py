@@ -18,7 +18,7 @@ from trainer_core.checkpointing import describe_misfit
 from trainer_core.config import RunConfig
 from trainer_core.data import DataBundle
 from trainer_core.distributed import broadcast_object, check_config, init_for_library, rank
-from trainer_core.entrypoints import DATASETS, FACTORY_ARGUMENTS, MODELS, PLUGINS, TASKS, Registry
+from trainer_core.entrypoints import DATASETS, FACTORY_ARGUMENTS, MODELS, PLUGINS, TASKS, Registry, split_choice
 from trainer_core.errors import UsageError
 from trainer_core.options import bind_options, stored_options
 from trainer_core.pluginmanager import instantiate, make_plugin_manager, register
@@ -89,7 +89,10 @@ def run_path_for(config: RunConfig) -> Path:
     if config.run_dir:
         return Path(config.run_dir)
     root = Path(config.runs_root)
-    return root / config.name if config.name else default_run_path(root, config.model, config.dataset)
+    if config.name:
+        return root / config.name
+    # (a DIST:NAME choice names the folder by NAME: no colon in a path)
+    return default_run_path(root, split_choice(config.model)[1], split_choice(config.dataset)[1])
 
 
 def build_run(
