@@ -1,7 +1,7 @@
 """Framework overhead: the seed's hand-written loop vs. the Trainer, side by side.
 
     python benchmarks/overhead.py [--repeats 9] [--threads 1] [--steps N] [--cases cnn,mlp]
-                                  [--batch-sizes 4,128] [--device cpu] [--each-plugin] [--with-lightning]
+                                  [--batch-sizes 4,128] [--device cpu] [--each-plugin] [--with-lightning] [--with-mlflow]
 
 In one process, on identical in-memory data, model, optimizer, seed and
 thread count, interleaved and repeated, it times
@@ -17,6 +17,8 @@ thread count, interleaved and repeated, it times
   (c)  ``Trainer`` with every built-in plugin on (tensorboard, steplr,
        checkpoint every epoch, class-accuracy, progress), at their defaults,
   (c+) the same with tensorboard's opt-in training accuracy,
+  (m)  ``--with-mlflow``: (c) and the mlflow plugin, its store the default
+       SQLite file beside the run folder (needs ``pip install -e '.[mlflow]'``),
 
 for the seed CNN (3x32x32) and the seed MLP (1x28x28) at batch sizes 4 and 128
 (``--cases null``: a single Linear layer, whose step is mostly the loop around
@@ -224,7 +226,7 @@ def check_same_weights(build: Callable[..., nn.Module], shape: tuple[int, ...], 
 
 
 def variants_for(subject: Subject, data: DataBundle, batch_size: int, folder: Path,
-                 each_plugin: bool, lightning: bool) -> dict[str, Callable[[], Timing]]:
+                 each_plugin: bool, lightning: bool, mlflow: bool = False) -> dict[str, Callable[[], Timing]]:
     def trainer_with(plugins: dict) -> Callable[[], Timing]:
         return lambda: with_trainer(subject.fresh(), data, batch_size, plugins, folder)
     variants = {
@@ -235,6 +237,8 @@ def variants_for(subject: Subject, data: DataBundle, batch_size: int, folder: Pa
         "c trainer, all built-ins": trainer_with(ALL_PLUGINS),
         "c+ and train accuracy": trainer_with({**ALL_PLUGINS, "tensorboard": {"train_accuracy": True}}),
     }
+    if mlflow:
+        variants["m all built-ins and mlflow"] = trainer_with({**ALL_PLUGINS, "mlflow": {}})
     if each_plugin:
         variants.update({f"  {name} alone": trainer_with({name: options}) for name, options in ALL_PLUGINS.items()})
     if lightning:
@@ -261,12 +265,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for one GPU (data resident on it)")
     parser.add_argument("--each-plugin", action="store_true", help="also time each built-in plugin alone")
     parser.add_argument("--with-lightning", action="store_true", help="also time Lightning's Trainer (if installed)")
+    parser.add_argument("--with-mlflow", action="store_true", help="also time (c) with the mlflow plugin (if installed)")
     args = parser.parse_args()
     if args.with_lightning:
         from lightning_loop import lightning_available
 
         if not lightning_available():
             sys.exit("--with-lightning needs Lightning: pip install lightning")
+    if args.with_mlflow:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            sys.exit("--with-mlflow needs the mlflow extra: pip install -e '.[mlflow]'")
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
         sys.exit(f"unknown case {', '.join(sorted(unknown))}: choose from {', '.join(CASES)}")
@@ -283,7 +293,8 @@ def main() -> None:
                 data = make_data(shape, steps * batch_size, 512)
                 equal = check_same_weights(build, shape, data, batch_size, device)
                 subject = Subject(build, shape, device)
-                variants = variants_for(subject, data, batch_size, Path(tmp) / "run", args.each_plugin, args.with_lightning)
+                variants = variants_for(subject, data, batch_size, Path(tmp) / "run", args.each_plugin, args.with_lightning,
+                                        args.with_mlflow)
                 for fn in variants.values():  # warm-up: allocator, lazy imports
                     fn()
                 runs: dict[str, list[Timing]] = {name: [] for name in variants}

@@ -64,6 +64,7 @@ _LAZY = {
     "weights_source": "trainer_core.safetensors_file",
     "read_safetensors": "trainer_core.safetensors_file",
     "write_safetensors": "trainer_core.safetensors_file",
+    "export_info": "trainer_core.safetensors_file",
     "loaded_weights": "trainer_core.transfer",
     "LoadedWeights": "trainer_core.transfer",
 }
@@ -80,7 +81,7 @@ if TYPE_CHECKING:
     from trainer_core.data import DataBundle, TensorSplit, held_targets
     from trainer_core.runner import build_run
     from trainer_core.state import TrainState
-    from trainer_core.safetensors_file import read_safetensors, weights_source, write_safetensors
+    from trainer_core.safetensors_file import export_info, read_safetensors, weights_source, write_safetensors
     from trainer_core.suggest import did_you_mean
     from trainer_core.transfer import LoadedWeights, loaded_weights
     from trainer_core.task import Task, metric_mode
