@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from trainer_core import UsageError, hookimpl, metric_keys, unused_hooks
+from trainer_core_plugins.tensorboard_pictures import confusion_picture, example_images, example_indices
 
 if TYPE_CHECKING:
     import torch
@@ -45,9 +46,11 @@ class TensorBoard:
     Scalars: ``train/loss`` (mean over each logging interval), ``lr/group<i>``,
     ``train/acc`` when asked, and every evaluation metric (``val/loss``,
     ``val/acc``, ``val/acc/<class>``...; the evaluation's epoch-mean training
-    loss as ``train/loss_epoch``).  Also ``images/val_batch`` and the graph
-    once, from the first validation batch (as the seed did), ``pr/<class>``
-    curves, ``weights/*`` and ``grads/*`` histograms, hparams.  At its defaults
+    loss as ``train/loss_epoch``).  Also ``images/val_batch`` (validation images
+    taken in turn from each class) and the graph once, at the first evaluation
+    (as the seed did), ``pr/<class>`` curves, the confusion matrix with class
+    names, ``weights/*`` and ``grads/*`` histograms, hparams (what runs are
+    compared by first; only the settings that apply).  At its defaults
     it does nothing during training steps: per-step work (training accuracy,
     histograms) is opt-in.  The evaluation of weights restored when training
     ends (the checkpoint plugin's best) is logged under ``restored/`` at the
@@ -67,7 +70,8 @@ class TensorBoard:
         flush_secs: int = 30,
     ) -> None:
         """:param log_dir: where the event files go (default ``<run folder>/tensorboard``).
-        :param images: how many images of the first validation batch to show; 0 for none.
+        :param images: how many validation images to show (once, at the first evaluation), taken
+            in turn from each class; 0 for none.
         :param graph: log the model graph (traced once on the first validation batch); the
             default, ``none``, logs it where it can be: not under ``--strategy fsdp``.
         :param train_accuracy: log ``train/acc``, the accuracy of each logging
@@ -256,7 +260,7 @@ class TensorBoard:
             return
         writer = self._writer(trainer)
         if self.images:
-            self._log_images(trainer, writer, inputs[: self.images])
+            self._log_images(trainer, writer)
         if self.graph and trainer.strategy.shards_parameters:  # (asked for: said why not)
             log.warning("tensorboard: no model graph under --strategy fsdp (tracing runs the model on rank zero alone, "
                         "and a sharded model runs on every rank together)")
@@ -405,38 +409,38 @@ class TensorBoard:
             )
 
     def _log_confusion(self, trainer: Trainer, writer: SummaryWriter, step: int, prefix: str) -> None:
-        """class-accuracy's matrix (collected before ``on_eval``), rows
-        normalised: cell brightness is the share of a true class predicted as
-        each class."""
+        """class-accuracy's matrix (collected before ``on_eval``) as a picture with the
+        class names and axis titles: a cell's blue is the share of its true class
+        predicted as its column's class, and its count is written in it."""
         for plugin in trainer.pm.get_plugins():
             confusion = getattr(plugin, "confusion", None)  # class-accuracy's, or any plugin's that keeps one
             if confusion is not None and confusion.dim() == 2 and confusion.shape[0] == confusion.shape[1]:
                 name = trainer.pm.get_name(plugin)
-                matrix = confusion.double()
-                shares = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
-                scale = max(1, 256 // shares.shape[0])  # nearest-neighbour upscaling to ~256 pixels
-                image = shares.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-                writer.add_image(f"{prefix}{name}/confusion", image.float().unsqueeze(0), step)
+                classes = [str(c) for c in trainer.data.classes]
+                names = classes if len(classes) == confusion.shape[0] else [str(i) for i in range(confusion.shape[0])]
+                writer.add_image(f"{prefix}{name}/confusion", confusion_picture(confusion, names), step)
 
     # -- one-off records ------------------------------------------------------
 
-    def _log_images(self, trainer: Trainer, writer: SummaryWriter, inputs: torch.Tensor) -> None:
+    def _log_images(self, trainer: Trainer, writer: SummaryWriter) -> None:
+        """A fixed set of ``images`` validation images, taken in turn from each class
+        (not the first batch: a split read in class order shows one class there)."""
+        import torch
         from torchvision.utils import make_grid
 
-        if inputs.dim() != 4:
-            return  # feature vectors, token ids: not images
-        if inputs.shape[1] not in (1, 3):
-            log.warning("tensorboard: inputs of shape %s are not 1- or 3-channel images; no image grid logged", tuple(inputs.shape[1:]))
-            return
-        images = inputs.detach().float()
         data = trainer.data
-        if data.mean is not None and data.std is not None:
-            shape = (1, -1, 1, 1)
-            images = images * images.new_tensor(data.std).view(shape) + images.new_tensor(data.mean).view(shape)
-            grid = make_grid(images.clamp(0, 1), nrow=8)
-        else:  # nothing to undo: stretch the batch's range to [0, 1]
-            grid = make_grid(images, nrow=8, normalize=True)
-        writer.add_image("images/val_batch", grid.cpu(), trainer.state.step)
+        if len(data.input_shape) != 3:
+            return  # feature vectors, token ids: not images
+        if data.input_shape[0] not in (1, 3):
+            log.warning("tensorboard: inputs of shape %s are not 1- or 3-channel images; no image grid logged",
+                        tuple(data.input_shape))
+            return
+        images = example_images(data.val, example_indices(data.val, len(data.classes), self.images))
+        if images.dtype == torch.uint8:  # stored pixels, before the core scales and normalises them
+            grid = make_grid(images.float() / 255, nrow=8)
+        else:  # no pixel range to go by: stretch theirs to [0, 1]
+            grid = make_grid(images.float(), nrow=8, normalize=True)
+        writer.add_image("images/val_batch", grid, trainer.state.step)
 
     def _log_graph(self, trainer: Trainer, writer: SummaryWriter, example: torch.Tensor) -> None:
         import torch
@@ -461,7 +465,9 @@ class TensorBoard:
         if not final:
             return
         metric_tags = {_prefix(trainer) + ("train/loss_epoch" if k == "train/loss" else k): v for k, v in final.items()}
-        for summary in hparams(_hparam_values(trainer), metric_tags):
+        values = _hparam_values(trainer)
+        experiment, start, end = hparams(values, metric_tags)
+        for summary in (_compared_first(experiment, values), start, end):
             writer.file_writer.add_summary(summary)  # type: ignore[union-attr]
 
 
@@ -471,16 +477,41 @@ def _prefix(trainer: Trainer) -> str:
     return "restored/" if trainer.state.restored is not None else ""
 
 
+#: Settings runs are compared by, first in the HParams table: the optimizer's, the model's and dataset's.
+COMPARED = ("lr", "optimizer", "momentum", "weight_decay", "batch_size", "epochs", "model.", "dataset.")
+
+
 def _hparam_values(trainer: Trainer) -> dict[str, Any]:
-    """The config as flat ``name: number | string | bool`` pairs."""
+    """The config as flat ``name: number | string | bool`` pairs, those runs are
+    compared by first, without settings that do not apply to this run."""
+    config = trainer.config
     flat: dict[str, Any] = {}
-    for key, value in trainer.config.to_toml().items():
+    for key, value in config.to_toml().items():
         if isinstance(value, Mapping):
             for inner, item in _flatten(value):
                 flat[f"{key}.{inner}"] = item
         else:
             flat[key] = value
-    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+    if config.optimizer != "sgd":
+        flat.pop("momentum", None)  # only SGD has one
+    if not config.compile:
+        flat.pop("compile_mode", None)
+    ranked = sorted(flat, key=lambda k: next((i for i, c in enumerate(COMPARED) if k == c or k.startswith(c) and c.endswith(".")),
+                                             len(COMPARED)))
+    return {k: flat[k] if isinstance(flat[k], (bool, int, float, str)) else str(flat[k]) for k in ranked}
+
+
+def _compared_first(experiment: Any, values: Mapping[str, Any]) -> Any:
+    """``experiment`` (hparams' summary) with the compared settings marked as the ones that
+    differ between runs: TensorBoard lists those first (it sorts the rest by name)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    value = experiment.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = any(info.name == c or info.name.startswith(c) and c.endswith(".") for c in COMPARED)
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return experiment
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -28,6 +28,7 @@ from torch.utils.tensorboard.summary import compute_curve
 from trainer_core_plugins.class_accuracy import ClassAccuracy
 from trainer_core_plugins.tensorboard import PR_THRESHOLDS, TensorBoard
 from trainer_core import PluginError, UsageError, hookimpl
+from trainer_core_plugins.tensorboard_pictures import confusion_geometry
 from trainer_core.cli import make_cli
 from trainer_core.data import DataBundle, TensorSplit
 from trainer_core.testing import HookRecorder, run_tiny, tiny_model
@@ -120,8 +121,8 @@ def test_graph_and_one_image_grid(finished: Finished) -> None:
     assert any("Linear" in node.name for node in finished.events.Graph().node)
     grids = finished.events.Images("images/val_batch")
     assert [event.step for event in grids] == [3]  # once, at the first evaluation, not per epoch
-    # 16 images of 4x4, 8 a row, 2 pixels of padding.
-    assert (grids[0].width, grids[0].height) == (8 * 6 + 2, 2 * 6 + 2)
+    # The 24 validation images of 4x4 (fewer than tensorboard.images), 8 a row, 2 pixels of padding.
+    assert (grids[0].width, grids[0].height) == (8 * 6 + 2, 3 * 6 + 2)
 
 
 def test_confusion_matrix_image_from_class_accuracy(finished: Finished) -> None:
@@ -129,12 +130,21 @@ def test_confusion_matrix_image_from_class_accuracy(finished: Finished) -> None:
 
     images = finished.events.Images("class-accuracy/confusion")
     assert [event.step for event in images] == [3, 6]
-    pixels = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("L")).astype(float)
-    assert pixels.shape == (255, 255)  # 3 classes, 85 pixels each
+    pixels = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB")).astype(float)
+    classes = ["class0", "class1", "class2"]
+    left, top, cell = confusion_geometry(classes)
+    assert pixels.shape == (top + 3 * cell + 4, left + 3 * cell + 4, 3)
     plugin = finished.trainer.pm.get_plugin("class-accuracy")
     shares = (plugin.confusion / plugin.confusion.sum(dim=1, keepdim=True)).numpy()
-    centres = pixels[42::85, 42::85]
-    np.testing.assert_allclose(centres, 255 * shares, atol=1.5)
+    corners = pixels[top + 3 :: cell, left + 3 :: cell][:3, :3]  # inside each cell, clear of its count
+    np.testing.assert_allclose(corners[..., 0], 255 * (1 - shares), atol=1.5)
+    assert (corners[..., 2] == 255).all()
+    # Each row and column is named, and the axes are titled: text left of and above the cells.
+    ink = pixels.sum(axis=2) < 3 * 128
+    for k in range(3):
+        assert ink[top + k * cell : top + (k + 1) * cell, :left - 4].any()  # the row's class name
+        assert ink[:top - 4, left + k * cell : left + (k + 1) * cell].any()  # the column's, sideways
+    assert ink[:14, left:].any() and ink[top:, :14].any()  # "predicted class" above, "true class" at the left
 
 
 def test_pr_curves_of_the_last_evaluation_from_true_labels(finished: Finished) -> None:
@@ -251,7 +261,7 @@ def test_images_are_de_normalised(tmp_path: Path) -> None:
 
     pixels = np.asarray(Image.open(io.BytesIO(grid.encoded_image_string)).convert("RGB")).astype(int)
     assert pixels.shape == (8, 5 * 6 + 2, 3)
-    for k, image in enumerate(raw[:5]):  # the first validation batch: the split's first images
+    for k, image in enumerate(raw[:5]):  # one of each class in turn: here, the split's first images
         cell = pixels[2:6, 2 + 6 * k : 6 + 6 * k].transpose(2, 0, 1)
         assert np.abs(cell - image.numpy().astype(int)).max() <= 1  # the original pixel values
 
