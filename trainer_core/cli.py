@@ -24,6 +24,7 @@ from trainer_core.entrypoints import DATASETS, FACTORY_ARGUMENTS, MODELS, PLUGIN
 from trainer_core.errorreport import closed_output_exits, debug_option, reports_errors
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.pluginmanager import check_plugin, implemented_hooks, make_plugin_manager
+from trainer_core.sweepcli import add_sweep_command
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -387,6 +388,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     cli.command("models")(lister(MODELS, "model"))
     cli.command("datasets")(lister(DATASETS, "dataset"))
     add_commands(cli, pm_factory)
+    add_sweep_command(cli, run, pm_factory)
     return cli
 
 

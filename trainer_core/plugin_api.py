@@ -86,10 +86,18 @@ class PluginAPI:
         """The learning rate of the optimizer's first parameter group."""
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else self.config.lr
 
-    def request_stop(self, reason: str) -> None:
+    #: What ``summary.json``'s ``status`` says of a run a plugin stopped (:meth:`request_stop`'s ``status``).
+    stop_status: str = "stopped"
+
+    def request_stop(self, reason: str, *, status: str = "stopped") -> None:
         """Ask the loop to stop after the current step (or at the end of the current epoch's
         evaluation).  In a run of several processes every rank stops at the same step: the
-        request takes effect at the next training-loss log or epoch end, whichever rank asked."""
+        request takes effect at the next training-loss log or epoch end, whichever rank asked.
+
+        :param reason: why, in words (``summary.json``'s ``stop_reason``).
+        :param status: what ``summary.json``'s ``status`` says when this request ends the run:
+            ``stopped``, or ``pruned`` for a sweep's trial stopped as hopeless (``trainer sweep``)."""
+        self.stop_status = status
         self.strategy.request_stop(self.state, reason)
 
     def all_reduce(self, tensor: torch.Tensor, op: distributed.ReduceOp = "sum") -> torch.Tensor:

@@ -95,7 +95,7 @@ class Trainer(Checkpoints):
         try:
             with self.signals:
                 self._fit()
-            status = "stopped" if self.state.should_stop else status
+            status = self.stop_status if self.state.should_stop else status
             return self.state
         except BaseException as exc:
             status, error = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", f"{type(exc).__name__}: {exc}"
