@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from trainer_core import (CHECKPOINT_FOLDER, UsageError, checkpoint_weights, export_info, hookimpl, load_checkpoint,
-                          rank_zero_only, write_safetensors)
+from trainer_core import UsageError, hookimpl, rank_zero_only
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -241,6 +240,8 @@ class MLflow:
     def _log_artifacts(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
         import tomli_w
 
+        from trainer_core import checkpoint_weights, export_info, load_checkpoint, write_safetensors  # (torch: not at import)
+
         assert self.client is not None and self.run_id is not None
         if summary is not None:
             self.client.log_dict(self.run_id, dict(summary), "summary.json")
@@ -259,6 +260,7 @@ class MLflow:
 
 def _best_checkpoint(trainer: Trainer, summary: Mapping[str, Any] | None) -> Path | None:
     """The run's best checkpoint: the one its summary names, or its only ``best-*.pt``."""
+    from trainer_core import CHECKPOINT_FOLDER
     if trainer.run_path is None:
         return None
     named = ((summary or {}).get("checkpoints") or {}).get("best")
