@@ -191,7 +191,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @click.option("--nonfinite", type=click.Choice(["stop", "skip"]),
                   help="On a NaN/inf loss: stop the run, or skip such steps (one host sync per step; "
                        "every process skips a step non-finite on any).  [default: stop]")
-    @click.option("--num-workers", type=int, help="Loader processes for file-backed datasets.  [default: cores - 1, at most 4]")
+    @click.option("--num-workers", type=int, help="Loader processes for file-backed datasets.  [default: the cores torch's threads leave free (none on the CPU), at most 4]")
     @click.option("--nproc-per-node", type=int, metavar="N",
                   help="Train in N processes on this machine, started by torchrun: one per GPU, or CPU processes with gloo. "
                        "--batch-size stays the global batch.")

@@ -40,10 +40,16 @@ class TensorSplit:
     :ivar targets: ``N x ...`` targets in the form the task expects: class
         indices (``int64``) for classification, floats for regression,
         multi-hot rows for multi-label, next-token ids for language models.
+    :ivar augment: training only: called as ``augment(inputs, index,
+        generator)`` with a batch's inputs and their indices in the split, on
+        the training device, and a generator seeded from the run's seed, the
+        epoch and the step (so a resumed run draws the same); returns the
+        batch to normalise (e.g. random crops of uint8 images, as uint8).
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
+    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.targets):
@@ -166,13 +172,17 @@ class Batches:
             self.bounds = ([self.first + part * k // self.steps for k in range(self.steps + 1)] if equal_steps
                            else [*range(self.first, self.stop, batch_size), self.stop])
         self.loader: DataLoader | None = None
+        self.generator: torch.Generator | None = None  # (of an in-memory split that augments its batches)
         if isinstance(split, TensorSplit):
             # Held on the training device once, so a batch is an index, not a copy from the host.
-            self.tensors: TensorSplit | None = TensorSplit(split.inputs.to(device), split.targets.to(device))
+            self.tensors: TensorSplit | None = TensorSplit(split.inputs.to(device), split.targets.to(device),
+                                                           split.augment if shuffle else None)
+            if self.tensors.augment is not None:
+                self.generator = torch.Generator(device=device)
         else:
             self.tensors = None
             self.sampler = EpochBatchSampler(self)
-            workers = default_workers() if num_workers is None else num_workers
+            workers = default_workers(device) if num_workers is None else num_workers
             self.loader = DataLoader(
                 SeededSamples(ReadErrorsNamed(split), seed),
                 batch_sampler=self.sampler,
@@ -233,7 +243,17 @@ class Batches:
         order = self.local_order(epoch).to(self.device)
         for first in range(start_batch * step, len(order), step):
             index = order[first : first + step]
-            yield self._normalise(tensors.inputs[index]), tensors.targets[index]
+            if tensors.augment is None:
+                yield self._normalise(tensors.inputs[index]), tensors.targets[index]
+            else:
+                generator = self._augment_generator(epoch, first // step)
+                yield self._normalise(tensors.augment(tensors.inputs[index], index, generator)), tensors.targets[index]
+
+    def _augment_generator(self, epoch: int, step: int) -> torch.Generator:
+        """The generator of one training batch's augmentation, seeded from the seed,
+        epoch, step and rank alone: a resumed run draws what the first one drew."""
+        assert self.generator is not None
+        return self.generator.manual_seed((((self.seed * 100_003 + epoch) * 1_000_003 + step) * 1_009 + self.rank) % 2**63)
 
     def _from_loader(self, epoch: int, start: int,
                      stopping: Callable[[], bool] | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -370,6 +390,13 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def default_workers() -> int:
-    """Loader processes for file-backed datasets: one core stays with the training loop."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(device: torch.device) -> int:
+    """Loader processes for file-backed datasets: the cores this process may use
+    that the training's threads leave free, at most 4.  On the CPU torch's
+    threads already take every core (its default), so there are none: a loader
+    process there only takes turns with them (on 2 cores it made ResNet-18
+    epochs slower than the seed's program, which uses none; BENCHMARKS.md).
+    An accelerator leaves the host free: all cores but one for the loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = torch.get_num_threads() if device.type == "cpu" else 1
+    return max(0, min(4, cores - busy))

@@ -76,6 +76,8 @@ def step_reason(trainer: Trainer) -> str | None:
         return "--compile captures graphs of its own (--compile-mode reduce-overhead); use one or the other"
     if batches.tensors is None:
         return "the training split is read through a DataLoader, not held in memory"
+    if batches.tensors.augment is not None:
+        return "the training split augments each batch (random crops and flips) outside the step"
     if c.accumulate_grad_batches > 1:
         return f"accumulate_grad_batches = {c.accumulate_grad_batches} steps the optimizer only every few batches"
     if c.nonfinite == "skip":

@@ -28,6 +28,7 @@ def load(
     augment: bool = True,
     channels: Literal[1, 3] = 3,
     normalization: Literal["imagenet", "none"] = "imagenet",
+    cache: bool = False,
 ) -> DataBundle:
     """An image classification dataset from ``train/`` and ``val/`` class folders.
 
@@ -46,6 +47,10 @@ def load(
     :param channels: 3 (RGB) or 1 (grayscale).
     :param normalization: ``imagenet`` (mean/std of ImageNet, for pretrained
         models) or ``none`` (pixels scaled to 0..1 only).
+    :param cache: decode every image once and hold the folder in memory as
+        uint8 tensors (refused when that needs more than half the free memory);
+        training crops and flips then run on whole batches on the device
+        (:mod:`trainer_core_plugins.datasets.folder_cache`).
     """
     from torchvision import transforms
 
@@ -66,11 +71,17 @@ def load(
     if val.classes != train.classes:
         raise UsageError(f"{data_root / 'val'} has classes {', '.join(val.classes)} but {data_root / 'train'} has "
                          f"{', '.join(train.classes)}; both need the same class folders")
+    classes = list(train.classes)
+    if cache:
+        from trainer_core_plugins.datasets.folder_cache import cache as decode_once
+
+        train, val = decode_once(train, val, image_size=image_size, resize=resize,  # type: ignore[assignment]
+                                 augment=augment, colour=colour)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalization == "imagenet" else (None, None)
     if mean is not None and channels == 1:
         # A grayscale pixel is the luma of the RGB one, so its mean and std are roughly their average.
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    return DataBundle(train=train, val=val, classes=list(train.classes), input_shape=(channels, image_size, image_size),
+    return DataBundle(train=train, val=val, classes=classes, input_shape=(channels, image_size, image_size),
                       mean=mean, std=std)
 
 
