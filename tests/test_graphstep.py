@@ -110,13 +110,16 @@ class BeforeStep:
     ({"plugins": BeforeStep()},
      "plugin 'watch' implements on_before_optimizer_step, which runs host code inside the step"),
     ({"data": "loader"}, "the training split is read through a DataLoader, not held in memory"),
+    ({"data": "augment"}, "the training split augments each batch (random crops and flips) outside the step"),
 ])
 def test_each_reason_to_stay_eager_is_named(settings: dict[str, Any], reason: str) -> None:
     extra = {"watch": settings.pop("plugins")} if "plugins" in settings else None
-    if settings.pop("data", None):  # a Dataset (as file-backed ones are), not tensors in memory
+    data = settings.pop("data", None)
+    if data:  # a Dataset (as file-backed ones are), not tensors in memory; or tensors with an augmentation
         tensors = tiny_data()
-        settings["data"] = DataBundle(TensorDataset(tensors.train.inputs, tensors.train.targets), tensors.val,
-                                      tensors.classes, tensors.input_shape)
+        train = (TensorSplit(tensors.train.inputs, tensors.train.targets, augment=lambda x, index, generator: x)
+                 if data == "augment" else TensorDataset(tensors.train.inputs, tensors.train.targets))
+        settings["data"] = DataBundle(train, tensors.val, tensors.classes, tensors.input_shape)
         settings["num_workers"] = 0
     trainer = run_tiny(extra, fit=False, **settings)
     assert step_reason(trainer) == reason
