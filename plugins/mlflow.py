@@ -93,6 +93,9 @@ class MLflow:
                                  "or MLFLOW_TRACKING_URI")
             root = trainer.run_path.resolve().parent
             uri, artifact_root = f"sqlite:///{root / STORE}", (root / ARTIFACTS).as_uri()
+        # A new SQLite store announces its table migrations at INFO on stderr: noise in a run's output (-q too).
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.client = client = MlflowClient(tracking_uri=uri)
         self._experiment_id = self._experiment(client, artifact_root)
         self.run_id, self._resumed_id, self._pending = None, None, []
