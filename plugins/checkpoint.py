@@ -163,9 +163,16 @@ class Checkpoint:
             files.insert(0, name)
         self._saved_step, self._due = state.step, False
         trainer.save_checkpoint(*(self.folder / name for name in files))  # (every rank takes part)
+        trainer.name_checkpoint("last", self.folder / LAST_CHECKPOINT)
+        self._name_best(trainer)
         if trainer.is_main:
             for name in evicted:
                 remove_checkpoint(self.folder / name)
+
+    def _name_best(self, trainer: Trainer) -> None:
+        """Tell the run which file is its best (summary.json names it; eval/predict/export take it)."""
+        assert self.folder is not None
+        trainer.name_checkpoint("best", self.folder / self.kept[0]["file"] if self.kept else None)
 
     # -- state ---------------------------------------------------------------
 
@@ -190,6 +197,7 @@ class Checkpoint:
                         len(state["kept"]) - len(recorded))
         # Files deleted by hand (or a resume into another folder) are not ranked against.
         self.kept = [k for k in recorded if (self.folder / k["file"]).is_file()]
+        self._name_best(trainer)
         if self.dirpath is None and trainer.is_main:
             self._remove_unrecorded(trainer.state.epoch)
 

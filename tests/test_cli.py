@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -27,7 +28,10 @@ def test_run_writes_a_run_folder(tmp_path):
     result = invoke("run", *FAST, "--run-dir", str(tmp_path / "run"), "--plugins", "progress", "-o", "progress.bar=off")
     assert result.exit_code == 0, result.output
     assert "epoch 2/2" in result.output and f"run folder: {tmp_path / 'run'}" in result.output
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.toml", "metrics.jsonl", "summary.json"}
+    # The trained model too: the checkpoint plugin is on by default (issue 15, item 1).
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.toml", "metrics.jsonl", "summary.json", "checkpoints"}
+    assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {
+        "last.pt", Path(json.loads((tmp_path / "run" / "summary.json").read_text())["checkpoints"]["best"]).name}
 
 
 def test_quiet_prints_nothing(tmp_path):

@@ -29,7 +29,7 @@ bar = "off"
     config = resolve_config(path, {"lr": 0.5, "epochs": None}, ["no:progress"], ["model.dropout=0.1"])
     assert (config.epochs, config.lr, config.model, config.dataset) == (4, 0.5, "smallcnn", "fake")
     assert config.model_options == {"width": 8, "dropout": "0.1"}
-    assert config.plugins == {}
+    assert config.plugins == {"checkpoint": {}}  # the other default plugin stays on
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
@@ -39,7 +39,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 
     saved.write_text(tomli_w.dumps(config.to_toml()))
     assert load_config(saved) == config
-    assert tomllib.loads(saved.read_text())["plugins"] == {"progress": {"bar": "off"}}
+    assert tomllib.loads(saved.read_text())["plugins"] == {"progress": {"bar": "off"}, "checkpoint": {}}
 
 
 def test_a_disabled_default_plugin_stays_disabled_after_a_round_trip(tmp_path):
@@ -47,7 +47,10 @@ def test_a_disabled_default_plugin_stays_disabled_after_a_round_trip(tmp_path):
 
     config = resolve_config(None, {}, ["no:progress"], [])
     saved = write(tmp_path, tomli_w.dumps(config.to_toml()))
-    assert load_config(saved).plugins == {}
+    assert load_config(saved).plugins == {"checkpoint": {}}
+    config = resolve_config(None, {}, ["no:progress,no:checkpoint"], [])
+    assert tomllib.loads(tomli_w.dumps(config.to_toml()))["plugins"] == {"progress": False, "checkpoint": False}
+    assert load_config(write(tmp_path, tomli_w.dumps(config.to_toml()))).plugins == {}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -99,7 +102,7 @@ def test_precision_accepts_a_toml_number(tmp_path):
 
 def test_defaults_are_the_documented_default_run():
     config = RunConfig()
-    assert (config.model, config.dataset, config.plugins) == ("smallcnn", "digits", {"progress": {}})
+    assert (config.model, config.dataset, config.plugins) == ("smallcnn", "digits", {"progress": {}, "checkpoint": {}})
 
 
 def test_config_toml_holds_options_as_their_declared_types(tmp_path):

@@ -21,12 +21,27 @@ from trainer_core.errorreport import debug_option, reports_errors
 from trainer_core.errors import UsageError
 from trainer_core.exporting import export_formats, export_model
 from trainer_core.runlist import format_duration, describe_run, find_runs, format_table
-from trainer_core.trained import encode_prompt, evaluate, load_images, load_rows, load_trained, predictions
+from trainer_core.trained import Trained, encode_prompt, evaluate, load_images, load_rows, load_trained, predictions
 
-checkpoint_option = click.option(
-    "--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
-    help="A checkpoint file, a run folder (its newest checkpoint), or weights from 'trainer export --format safetensors'.",
-)
+
+def checkpoint_option(command: Callable[..., None]) -> Callable[..., None]:
+    """``--checkpoint FILE|RUN_FOLDER`` and ``--which best|last`` (which checkpoint of a run folder)."""
+    command = click.option("--which", type=click.Choice(["best", "last"]),
+                           help="With a run folder: its best checkpoint (the one its summary.json names) or its "
+                                "last.  [default: best]")(command)
+    return click.option(
+        "--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path),
+        help="A checkpoint file, a run folder (its best checkpoint; --which last: its last), or weights from "
+             "'trainer export --format safetensors'.",
+    )(command)
+
+
+def say_chosen(trained: Trained) -> None:
+    """Once a command has done its work (an error stays one line), say on stderr which file of a run folder it took."""
+    if trained.chosen is not None:
+        click.echo(f"using {trained.path} ({trained.chosen})", err=True)
+
+
 dataset_option = click.option("--dataset", help="Use this dataset instead of the run's (same classes expected).")
 data_root_option = click.option("--data-root", help="Folder the dataset reads its files from, if not the run's.")
 device_option = click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
@@ -46,7 +61,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
     @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
     @debug_option
     @reports_errors
-    def eval_command(checkpoint: Path, dataset: str | None, data_root: str | None, split: str,
+    def eval_command(checkpoint: Path, which: str | None, dataset: str | None, data_root: str | None, split: str,
                      batch_size: int | None, device: str, as_json: bool) -> None:
         """The task's metrics of a saved model (for classification, per-class accuracy too).
 
@@ -57,7 +72,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         """
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1 (got {batch_size})")
-        trained = load_trained(checkpoint, dataset, data_root)
+        trained = load_trained(checkpoint, dataset, data_root, which)
         metrics, classes = evaluate(trained, split, device, batch_size, pm_factory())
         values = {key: value for key, value in metrics.items() if key.startswith("val/")}
         samples = len(getattr(trained.data, split))
@@ -76,6 +91,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
                     "confusion_matrix": confusion.tolist(),
                 })
             click.echo(json.dumps(result, indent=2))
+            say_chosen(trained)
             return
         click.echo(f"{trained.path}: {trained.config.model} on {trained.config.dataset} ({split} split, "
                    f"{samples} samples), epoch {trained.epoch}")
@@ -84,6 +100,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
             click.echo(classes.format_table())
         else:
             click.echo("  ".join(f"{key.removeprefix('val/')} {value:.4f}" for key, value in values.items()))
+        say_chosen(trained)
 
     @cli.command()
     @checkpoint_option
@@ -95,7 +112,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
     @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
     @debug_option
     @reports_errors
-    def predict(checkpoint: Path, inputs: tuple[str, ...], top_k: int, dataset: str | None, data_root: str | None,
+    def predict(checkpoint: Path, which: str | None, inputs: tuple[str, ...], top_k: int, dataset: str | None, data_root: str | None,
                 device: str, as_json: bool) -> None:
         """What a saved model predicts for INPUTS, as its task reads it.
 
@@ -115,7 +132,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
 
         if top_k < 1:
             raise UsageError(f"--top-k must be >= 1 (got {top_k})")
-        trained = load_trained(checkpoint, dataset, data_root)
+        trained = load_trained(checkpoint, dataset, data_root, which)
         data, task = trained.data, trained.task
         names = [str(c) for c in data.classes]
         if task.name == "language-model":
@@ -135,11 +152,13 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         results = [{key: label, **task.describe(row, names, top_k)} for label, row in zip(labels, rows)]
         if as_json:
             click.echo(json.dumps(results, indent=2))
+            say_chosen(trained)
             return
         for result in results:
             click.echo(result[key])
             for line in task.format(result):
                 click.echo(f"  {line}")
+        say_chosen(trained)
 
     @cli.command()
     @checkpoint_option
@@ -153,7 +172,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
     @device_option
     @debug_option
     @reports_errors
-    def generate(checkpoint: Path, prompt: str, tokens: int, temperature: float, top_k: int, seed: int,
+    def generate(checkpoint: Path, which: str | None, prompt: str, tokens: int, temperature: float, top_k: int, seed: int,
                  data_root: str | None, device: str) -> None:
         """Write text with a saved language model: the prompt, then sampled tokens.
 
@@ -166,7 +185,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         for name, value, low in (("--tokens", tokens, 1), ("--temperature", temperature, 0), ("--top-k", top_k, 0)):
             if not value >= low:
                 raise UsageError(f"{name} must be >= {low} (got {value})")
-        trained = load_trained(checkpoint, data_root=data_root)
+        trained = load_trained(checkpoint, data_root=data_root, which=which)
         if not hasattr(trained.task, "generate"):
             raise UsageError(f"generate needs a language model; {trained.path} was trained for task '{trained.task.name}' "
                              "(use trainer predict)")
@@ -177,6 +196,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         model = trained.model.to(select_device(device))
         new = trained.task.generate(model, ids, tokens, data.input_shape[0], temperature=temperature, top_k=top_k, seed=seed)
         click.echo(prompt + "".join(str(data.classes[i]) for i in new))
+        say_chosen(trained)
 
     @cli.command()
     @checkpoint_option
@@ -187,7 +207,7 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
     @data_root_option
     @debug_option
     @reports_errors
-    def export(checkpoint: Path, fmt: str, output: Path, data_root: str | None) -> None:
+    def export(checkpoint: Path, which: str | None, fmt: str, output: Path, data_root: str | None) -> None:
         """Write a trained model to a file other programs load with plain torch.
 
         The file takes the model's inputs as the trainer feeds them before
@@ -210,11 +230,12 @@ def add_commands(cli: click.Group, pm_factory: Callable[[], pluggy.PluginManager
         """
         if output.is_dir():
             raise UsageError(f"--output {output} is a folder; give a file name")
-        trained = load_trained(checkpoint, data_root=data_root)
+        trained = load_trained(checkpoint, data_root=data_root, which=which)
         export_model(trained, fmt, output)
         click.echo(f"wrote {output} ({fmt}) from {trained.path}: {trained.config.model} on {trained.config.dataset}, "
                    f"input {tuple(trained.data.input_shape)}, task {trained.task.name}, "
                    f"{trained.task.output_size(trained.data)} outputs")
+        say_chosen(trained)
 
     @cli.command()
     @click.argument("folder", required=False, default="runs", type=click.Path(path_type=Path))

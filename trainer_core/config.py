@@ -23,7 +23,7 @@ else:  # pragma: no cover
 
 log = logging.getLogger("trainer_core")
 
-DEFAULT_PLUGINS = ("progress",)
+DEFAULT_PLUGINS = ("progress", "checkpoint")  # every run leaves its trained model behind (issue 15)
 RESERVED_OWNERS = ("model", "dataset", "task")
 
 

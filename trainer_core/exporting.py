@@ -47,10 +47,14 @@ def exportable(trained: Trained) -> nn.Module:
 
 
 def example_inputs(data: DataBundle, size: int) -> torch.Tensor:
-    """A random batch of ``size`` inputs as the exported model takes them: token ids
-    for a model of integer inputs, else floats in [0, 1]."""
+    """A random batch of ``size`` inputs of the dataset's ``input_shape``, whatever it is, as
+    the exported model takes them: token ids for a model of integer inputs, else floats in [0, 1]."""
     import torch
 
+    shape = tuple(data.input_shape)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise UsageError(f"cannot export: the dataset's input_shape {shape!r} is not a shape of positive whole numbers, "
+                         "so no example input can be built from it; its DataBundle must give one sample's shape")
     held = getattr(data.train, "inputs", None)
     if held is not None and not held.is_floating_point() and held.dtype != torch.uint8:
         return torch.randint(0, max(2, len(data.classes)), (size, *data.input_shape), dtype=held.dtype)
@@ -104,7 +108,7 @@ def export_model(trained: Trained, fmt: str, output: Path, tolerance: float = 1e
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        expected = module(check)
+        expected = _run_example(module, check, data)
         if fmt == "torchscript":
             torch.jit.save(torch.jit.trace(module, example), buffer, _extra_files={EXPORT_METADATA: metadata})
             got = torch.jit.load(io.BytesIO(buffer.getvalue()))(check)
@@ -132,6 +136,17 @@ def export_model(trained: Trained, fmt: str, output: Path, tolerance: float = 1e
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(output, buffer.getvalue())
     return difference
+
+
+def _run_example(module: nn.Module, example: torch.Tensor, data: DataBundle) -> torch.Tensor:
+    """The model's outputs for the example batch; a model that fails on it is one line saying why."""
+    try:
+        return module(example)
+    except Exception as exc:  # (the model itself: any error it raises on a batch of the declared shape)
+        reason = " ".join(str(exc).split())[:200]
+        raise UsageError(f"cannot export: the model fails on an example batch built from the dataset's input_shape "
+                         f"{tuple(data.input_shape)} ({tuple(example.shape)}, {example.dtype}): {type(exc).__name__}: "
+                         f"{reason}; the dataset's input_shape must be the shape of one sample as the model takes it") from None
 
 
 def export_formats() -> list[str]:

@@ -7,7 +7,7 @@ one sitting; :class:`~trainer_core.Trainer` is both.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import pluggy
@@ -41,6 +41,7 @@ class PluginAPI:
     :ivar world_size: the number of processes (1 in one process).
     :ivar distributed: whether this run has several processes.
     :ivar quiet: ``True`` silences :meth:`echo` (``trainer run -q``).
+    :ivar checkpoint_files: the run's named checkpoints (:meth:`name_checkpoint`), by role, relative to the run folder.
     :ivar strategy: how the run uses its processes: its ``name`` (``single``,
         ``ddp``, ``fsdp``) and ``shards_parameters`` (whether each rank holds only
         part of each parameter: read them through :meth:`full_tensor`).
@@ -63,6 +64,7 @@ class PluginAPI:
     world_size: int
     distributed: bool
     quiet: bool
+    checkpoint_files: dict[str, str]
 
     @property
     def is_main(self) -> bool:
@@ -88,6 +90,18 @@ class PluginAPI:
 
     #: What ``summary.json``'s ``status`` says of a run a plugin stopped (:meth:`request_stop`'s ``status``).
     stop_status: str = "stopped"
+
+    def name_checkpoint(self, role: Literal["best", "last"], path: Path | None) -> None:
+        """Name the file that holds the run's ``best`` or ``last`` checkpoint (``None``: none now).
+        ``summary.json`` lists the named files under ``checkpoints``, relative to the run folder (a
+        file outside it is not listed), and ``trainer eval``/``predict``/``export --checkpoint RUN_FOLDER``
+        take the best one.  The checkpoint plugin names its files after each save and on resume."""
+        run = self.run_path.resolve() if self.run_path is not None else None
+        where = Path(path).resolve() if path is not None else None
+        if run is None or where is None or not where.is_relative_to(run):
+            self.checkpoint_files.pop(role, None)
+        else:
+            self.checkpoint_files[role] = where.relative_to(run).as_posix()
 
     def request_stop(self, reason: str, *, status: str = "stopped") -> None:
         """Ask the loop to stop after the current step (or at the end of the current epoch's

@@ -72,7 +72,8 @@ def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
     started_at = started.stat().st_mtime
     if isinstance(summary, dict):
         status = str(summary.get("status", "unknown"))
-        duration = summary.get("duration_s")
+        duration = summary.get("duration_s")  # every session of the run, a resume's included
+        session = summary.get("session_duration_s")
         try:
             first = datetime.datetime.fromisoformat(str(summary["started"])).timestamp()
             time.localtime(first)  # (a date a clock can show)
@@ -82,7 +83,7 @@ def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
     else:
         lock = folder / LOCK
         status = "running" if lock.exists() and not lock_is_stale(lock) else "incomplete"
-        duration = None
+        duration = session = None
     if problems:
         status = "unreadable"
     return {
@@ -96,6 +97,7 @@ def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
         "best": best[metric] if best else None,
         "best_epoch": best.get("epoch") if best else None,
         "duration_s": duration,
+        "session_duration_s": session,
         "status": status,
         "problem": "; ".join(problems) or None,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,9 @@ class TrainState:
     :ivar train_samples: training samples seen since the run began.
     :ivar train_seconds: wall time spent in training phases (without compilation).
     :ivar compile_seconds: wall time of the first step of a compiled model.
+    :ivar duration_seconds: wall time of the run's sessions (``trainer run`` and each
+        ``--resume``) before the current one, up to the checkpoint it continues from;
+        :meth:`run_seconds` adds the current session's.
     :ivar started_at: when the run first started (seconds since the epoch; a
         resumed run keeps its first start).
     :ivar restored: when training ended and a plugin put other weights back (the
@@ -40,6 +44,8 @@ class TrainState:
     train_samples: int = 0
     train_seconds: float = 0.0
     compile_seconds: float = 0.0
+    duration_seconds: float = 0.0
+    session_started: float | None = field(default=None, repr=False)  # (perf_counter; not saved)
     started_at: float = 0.0
     restored: dict[str, Any] | None = None
     last_epoch_metrics: dict[str, float] | None = None
@@ -54,9 +60,26 @@ class TrainState:
             "train_samples": self.train_samples,
             "train_seconds": self.train_seconds,
             "compile_seconds": self.compile_seconds,
+            "duration_seconds": self.run_seconds(),  # a resume from this state continues from here
             "started_at": self.started_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+    def start_session(self) -> None:
+        """The current session (one ``fit``) starts now."""
+        self.session_started = time.perf_counter()
+
+    def session_seconds(self) -> float:
+        """Wall time of the current session so far (0 outside ``fit``)."""
+        return time.perf_counter() - self.session_started if self.session_started is not None else 0.0
+
+    def run_seconds(self) -> float:
+        """Wall time of the whole run so far: the earlier sessions' and the current one's."""
+        return self.duration_seconds + self.session_seconds()
+
+    def end_session(self) -> None:
+        """The current session ends: its time joins :attr:`duration_seconds`."""
+        self.duration_seconds, self.session_started = self.run_seconds(), None

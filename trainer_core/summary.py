@@ -30,10 +30,13 @@ def best_metrics(history: list[dict[str, float]], task: Task) -> dict[str, dict[
     return best
 
 
-def run_summary(state: TrainState, config: RunConfig, task: Task, *, status: str, duration: float, error: str | None,
-                skipped_steps: int, device: torch.device, processes: int) -> dict[str, Any]:
-    """What ``summary.json`` holds: final and best metrics, timing, versions."""
+def run_summary(state: TrainState, config: RunConfig, task: Task, *, status: str, session_duration: float, error: str | None,
+                skipped_steps: int, device: torch.device, processes: int,
+                checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
+    """What ``summary.json`` holds: final and best metrics, timing, versions, and the
+    checkpoint files plugins named (``checkpoints``: ``best``, ``last``, relative to the run folder)."""
     seconds = state.train_seconds
+    # (duration_s: every session of the run, a resume's included; session_duration_s: the last one's)
     return {
         "status": status,
         "stop_reason": state.stop_reason,
@@ -44,11 +47,13 @@ def run_summary(state: TrainState, config: RunConfig, task: Task, *, status: str
         "steps": state.step,
         "final": state.metrics,
         "best": best_metrics(state.history, task),
+        "checkpoints": dict(checkpoints or {}),
         # Weights put back when training ended: "final" is their evaluation, the last epoch's is kept.
         "restored": state.restored,
         "last_epoch": state.last_epoch_metrics if state.restored is not None else state.metrics,
         "started": datetime.datetime.fromtimestamp(state.started_at, datetime.timezone.utc).isoformat(timespec="seconds"),
-        "duration_s": round(duration, 3),
+        "duration_s": round(state.duration_seconds, 3),
+        "session_duration_s": round(session_duration, 3),
         "train_seconds": round(seconds, 3),
         "samples_per_s": round(state.train_samples / seconds, 1) if seconds > 0 else None,
         "compile_seconds": round(state.compile_seconds, 3) if config.compile else None,

@@ -39,30 +39,70 @@ class Trained:
     data: DataBundle
     model: nn.Module
     task: Task
+    #: Which checkpoint of a run folder ``path`` is, in words (``None``: a file given as is).
+    chosen: str | None = None
 
     @property
     def epoch(self) -> int | None:
         return (self.payload.get("state") or {}).get("epoch")
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file as given, or the newest one in a run folder."""
-    from trainer_core.checkpointing import find_checkpoint
+def resolve_checkpoint(path: Path, which: str | None = None) -> tuple[Path, str | None]:
+    """The checkpoint file to load for ``--checkpoint path [--which best|last]``, and
+    which one it is in words (``None`` for a file given as is).
+
+    For a run folder, ``best`` (the default) is the file its ``summary.json`` names as
+    the best (what the checkpoint plugin kept as best by its monitored metric), or else
+    its only ``checkpoints/best-*.pt``; ``last`` is its newest checkpoint.  A folder with
+    no best checkpoint (``checkpoint.save_top_k=0``) gives its newest, saying so.
+    """
+    from trainer_core.checkpointing import CHECKPOINT_FOLDER, find_checkpoint
 
     if not path.is_dir():
-        return path  # load_checkpoint says clearly when it is missing
+        if which is not None:
+            raise UsageError(f"--which chooses a checkpoint of a run folder; {path} is a file: leave --which out")
+        return path, None  # load_checkpoint says clearly when it is missing
+    if which != "last":
+        named = _named_best(path)
+        if named is not None:
+            return named, "the run's best checkpoint, as its summary.json names it"
+        best = sorted(p for p in (path / CHECKPOINT_FOLDER).glob("best-*.pt") if p.is_file())
+        if len(best) > 1:
+            raise UsageError(f"--checkpoint {path}: its summary.json names no best checkpoint and the folder holds "
+                             f"{len(best)} ({', '.join(p.name for p in best)}); give one of those files, or --which last")
+        if best:
+            return best[0], "the run's best checkpoint"
     try:
-        return find_checkpoint(path)
+        newest = find_checkpoint(path)
     except UsageError:
         raise UsageError(
             f"--checkpoint {path}: no checkpoint file in this folder; give a .pt file, or a run folder "
-            "trained with --plugins checkpoint"
+            "trained with the checkpoint plugin (on by default)"
         ) from None
+    return newest, "the run's last checkpoint" + ("" if which == "last" else " (it kept no best checkpoint)")
 
 
-def load_trained(path: Path, dataset: str | None = None, data_root: str | None = None) -> Trained:
+def _named_best(run: Path) -> Path | None:
+    """The best checkpoint the run folder's ``summary.json`` names, if it is a file
+    in that folder (what a file says never leads elsewhere)."""
+    import json
+
+    from trainer_core.rundir import SUMMARY
+
+    try:
+        named = json.loads((run / SUMMARY).read_text(encoding="utf-8")).get("checkpoints", {}).get("best")
+    except (OSError, ValueError, AttributeError):  # no summary (a run killed or still running), or not ours
+        return None
+    if not isinstance(named, str) or not named:
+        return None
+    path, folder = (run / named).resolve(), run.resolve()
+    return run / named if path.is_relative_to(folder) and path != folder and path.is_file() else None
+
+
+def load_trained(path: Path, dataset: str | None = None, data_root: str | None = None, which: str | None = None) -> Trained:
     """Load a checkpoint and rebuild its model and dataset from its saved config.
 
+    :param path: a checkpoint file, or a run folder (:func:`resolve_checkpoint`; ``which``: ``best`` or ``last``).
     :param dataset: use this dataset instead of the run's (its default options).
     :param data_root: read the dataset's files from here instead of the run's folder.
     """
@@ -74,7 +114,7 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
     from trainer_core.safetensors_file import as_checkpoint, is_safetensors
     from trainer_core.task import check_fit, load_task, task_name
 
-    path = resolve_checkpoint(path)
+    path, chosen = resolve_checkpoint(path, which)
     payload = as_checkpoint(path) if is_safetensors(path) else load_checkpoint(path)
     has_weights = isinstance(payload.get("model"), dict) or payload.get("shards") is not None
     if not isinstance(payload.get("config"), dict) or not has_weights:
@@ -106,7 +146,7 @@ def load_trained(path: Path, dataset: str | None = None, data_root: str | None =
         raise UsageError(f"the weights in {path} do not fit model '{config.model}' built for dataset '{config.dataset}' "
                          f"({outputs}): {misfit_details(model.state_dict(), weights)}") from None
     model.eval()
-    return Trained(path, payload, config, data, model, task)
+    return Trained(path, payload, config, data, model, task, chosen)
 
 
 def _check_expected(expects: dict[str, Any] | None, data: DataBundle, path: Path) -> None:

@@ -85,13 +85,16 @@ class Trainer(Checkpoints):
         self.signals = StopOnSignal(self.request_stop)
         #: ``True`` silences :meth:`echo` (``trainer run -q``).
         self.quiet = False
+        self.checkpoint_files: dict[str, str] = {}  # (name_checkpoint)
 
     # -- the loop ------------------------------------------------------------
 
     def fit(self) -> TrainState:
         """Train for ``config.epochs`` epochs (or until a plugin stops the run)."""
-        status, error, started, refused = "completed", None, time.perf_counter(), False
+        status, error, refused = "completed", None, False
+        self._kept_work = False  # (set when an epoch has ended: see refused below)
         self.state.started_at = self.state.started_at or time.time()  # (a resume then restores the first start)
+        self.state.start_session()  # (a resume then restores the earlier sessions' time)
         try:
             with self.signals:
                 self._fit()
@@ -99,18 +102,23 @@ class Trainer(Checkpoints):
             return self.state
         except BaseException as exc:
             status, error = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", f"{type(exc).__name__}: {exc}"
-            refused = isinstance(exc, UsageError) and self.state.step == 0  # bad input, found before any training
+            # Bad input, found before the run kept anything (an epoch's end, a checkpoint): at the start, or at
+            # the first evaluation (a monitored metric that no plugin's metrics hold).
+            refused = isinstance(exc, UsageError) and not self._kept_work and not self.checkpoint_files
             call_each_guarded(self.pm, "on_exception", trainer=self, exception=exc)
             fault = blame_plugin(self.pm, exc)
             if fault is not None:
                 raise fault from exc
             raise
         finally:
+            session = self.state.session_seconds()
+            self.state.end_session()
             summary = None
             if self.run_dir is not None:
                 summary = run_summary(self.state, self.config, self.task, status=status, error=error,
-                                      duration=time.perf_counter() - started, device=self.device, processes=self.world_size,
-                                      skipped_steps=self.stepper.skipped if self.stepper else 0) if self.is_main else None
+                                      session_duration=session, device=self.device, processes=self.world_size,
+                                      skipped_steps=self.stepper.skipped if self.stepper else 0,
+                                      checkpoints=self.checkpoint_files) if self.is_main else None
                 self.run_dir.finish(summary, failed=error is not None, discard=refused)
             # Last, on every path: trackers report the outcome and copy summary.json (guarded: never raises).
             call_each_guarded(self.pm, "on_run_end", trainer=self, status=status, summary=summary)
@@ -143,6 +151,7 @@ class Trainer(Checkpoints):
             if not self.evaluate():
                 break  # a signal cut the evaluation short
             self._emit("on_epoch_end", trainer=self, epoch=self.state.epoch)
+            self._kept_work = True
             if self.distributed:  # also waits for rank zero's end-of-epoch files (checkpoints)
                 self.strategy.agree(self.state)
         self._emit("on_fit_end", trainer=self)
