@@ -210,6 +210,15 @@ def test_each_task_trains_resumes_evaluates_predicts_and_exports(task: str, tmp_
     metadata = json.loads(zip_member(exported, "trainer.json"))
     assert metadata["task"] == task and metadata["output"] == load_task(task).export_doc
 
+    # The weights alone as safetensors evaluate as their checkpoint does (the task's state, target scaling, included).
+    weights = tmp_path / "model.safetensors"
+    code, output = invoke("export", "--checkpoint", straight / "checkpoints" / "last.pt", "--format", "safetensors",
+                          "--output", weights)
+    assert code == 0, output
+    code, output = invoke("eval", "--checkpoint", weights, "--json")
+    assert code == 0, output
+    assert json.loads(output)["metrics"] == pytest.approx(result["metrics"], rel=1e-6)
+
 
 def zip_member(path: Path, suffix: str) -> str:
     import zipfile
