@@ -170,16 +170,25 @@ class MLflow:
         self._pending.extend((key, float(value), now, step) for key, value in values.items())
 
     def _flush(self) -> None:
-        """Send the waiting values, in requests of MLflow's largest size."""
+        """Send the waiting values, in requests of MLflow's largest size.  A store that
+        fails (a server gone) costs a warning, not the training: the values wait for the
+        next flush."""
         from mlflow.entities import Metric
+        from mlflow.exceptions import MlflowException
 
         self._next_flush = time.monotonic() + self.flush_secs
-        if not self._pending or self.run_id is None or self.client is None:
+        if self.run_id is None or self.client is None:
             return
-        metrics = [Metric(_UNSAFE_KEY.sub("_", key), value, stamp, step) for key, value, stamp, step in self._pending]
-        self._pending = []
-        for start in range(0, len(metrics), _BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + _BATCH])
+        while self._pending:
+            chunk = self._pending[:_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=[Metric(_UNSAFE_KEY.sub("_", key), value, stamp, step)
+                                                            for key, value, stamp, step in chunk])
+            except MlflowException as exc:
+                log.warning("mlflow: %d values not sent (%s); they wait for the next flush", len(self._pending),
+                            _first_line(exc))
+                return
+            del self._pending[:len(chunk)]
 
     @hookimpl
     def on_train_log(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:

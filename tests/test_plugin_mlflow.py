@@ -4,6 +4,7 @@ through MlflowClient from the default SQLite store, and once from a real `mlflow
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -140,6 +141,38 @@ def test_a_run_that_ends_early_ends_its_mlflow_run_to_match(runs: Path, how: str
     assert (run.info.status, run.data.tags["status"]) == (ended, status)
     assert [s for s, _ in history(client_for(runs), run.info.run_id, "train/loss")][:2] == [1, 2]  # logged before it ended
     assert json.loads((runs / name / "summary.json").read_text())["status"] == status
+
+
+class Breaker:
+    """Turns the SQLite store into garbage mid-run, as a tracking server that goes away."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+
+    @hookimpl
+    def on_batch_end(self, trainer) -> None:  # noqa: ANN001
+        if trainer.state.step == 5:
+            self.store.write_bytes(b"not a database " * 1000)
+
+
+def test_a_store_that_fails_mid_run_costs_warnings_not_the_run(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    config = RunConfig(dataset="digits", epochs=1, device="cpu", model_options={"width": 8}, plugins={"mlflow": {}},
+                       runs_root=str(runs), name="broken", log_every_n_steps=1)
+    trainer = build_run(config)
+    trainer.pm.register(Breaker(runs / "mlflow.db"), "breaker")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("trainer_core").addHandler(handler)
+    try:
+        trainer.fit()
+    finally:
+        logging.getLogger("trainer_core").removeHandler(handler)
+    assert json.loads((runs / "broken" / "summary.json").read_text())["status"] == "completed"
+    messages = [r.getMessage() for r in records]
+    assert any("values not sent" in m and "wait for the next flush" in m for m in messages), messages
+    assert any("plugin 'mlflow' failed in on_run_end" in m for m in messages), messages
 
 
 def test_rank_zero_only_and_nothing_per_training_step() -> None:
