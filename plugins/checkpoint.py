@@ -67,6 +67,7 @@ class Checkpoint:
         self._score: float | None = None  # the monitored value of the epoch's evaluation
         self._saved_step = -1  # the step ``last.pt`` holds
         self._due = False  # a mid-epoch save waits for the next optimizer step
+        self._unrecorded_up_to: int | None = None  # a resumed epoch whose unlisted best files go (_remove_unrecorded)
         if not every_n_steps:
             unused_hooks(self, "on_batch_end")  # no mid-epoch saves: nothing to do per step
 
@@ -110,6 +111,7 @@ class Checkpoint:
 
     @hookimpl(tryfirst=True)  # save the training state before any plugin swaps in other weights at the end
     def on_fit_end(self, trainer: Trainer) -> None:
+        self._remove_unrecorded()
         state = trainer.state
         # Stopped part-way (a signal, a plugin) in training or before the epoch's evaluation:
         # keep the progress.  An epoch that ended with a non-finite score stays unsaved.
@@ -141,6 +143,7 @@ class Checkpoint:
     def _save(self, trainer: Trainer, best: float | None) -> None:
         """Write ``last.pt`` (and a best checkpoint when ``best`` is its score); drop evicted best files."""
         assert self.folder is not None
+        self._remove_unrecorded()
         if not trainer.weights_finite():
             log.warning("checkpoint: the weights hold NaN or infinity at step %d; not saving over the previous checkpoints",
                         trainer.state.step)
@@ -198,12 +201,17 @@ class Checkpoint:
         # Files deleted by hand (or a resume into another folder) are not ranked against.
         self.kept = [k for k in recorded if (self.folder / k["file"]).is_file()]
         self._name_best(trainer)
-        if self.dirpath is None and trainer.is_main:
-            self._remove_unrecorded(trainer.state.epoch)
+        if self.dirpath is None and trainer.is_main and len(recorded) == len(state["kept"]):
+            # Only on a kept list that is all ours, and only once the resumed run saves or ends
+            # (_remove_unrecorded): a resume refused after this leaves the folder as it was.
+            self._unrecorded_up_to = trainer.state.epoch
 
-    def _remove_unrecorded(self, epoch: int) -> None:
-        """Remove the best checkpoints of this run's own folder, up to ``epoch``, that the
-        resumed state does not list: evicted by a save that was cut before it deleted them."""
+    def _remove_unrecorded(self) -> None:
+        """Remove the best checkpoints of this run's own folder, up to the resumed epoch, that
+        the resumed state does not list: evicted by a save that was cut before it deleted them."""
+        epoch, self._unrecorded_up_to = self._unrecorded_up_to, None
+        if epoch is None:
+            return
         assert self.folder is not None
         names = {k["file"] for k in self.kept}
         for path in self.folder.glob("best-epoch*.pt"):

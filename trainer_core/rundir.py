@@ -71,6 +71,7 @@ class RunDir:
         # (continue_from): a resume refused before that leaves the folder's record as it was.
         self._held_back: Mapping[str, Any] | None = None
         self._holding_back = False
+        self._replacing: str | None = None  # "overwrite", "restart": the run the folder holds goes at begin()
 
     @classmethod
     def create(cls, path: Path, *, resume: bool = False, overwrite: bool = False, restart: bool = False) -> RunDir:
@@ -79,7 +80,8 @@ class RunDir:
         :param resume: continue the run the folder holds.  Its ``metrics.jsonl`` is
             checked now, and its ``config.toml`` and ``summary.json`` change only once
             the checkpoint is restored (:meth:`continue_from`).
-        :param overwrite: replace the run the folder holds.
+        :param overwrite: replace the run the folder holds (its files change only
+            once the new run has passed its start: :meth:`begin`).
         :param restart: start afresh in the folder of a run that left no checkpoint
             (``--resume auto``): as ``overwrite``, but only in a run's folder.
 
@@ -106,10 +108,10 @@ class RunDir:
                     read_metrics(path / METRICS)  # refused now, before anything in the folder changes
                     run._holding_back = (path / CONFIG).exists() or (path / SUMMARY).exists()
                 else:
-                    if restart and not overwrite:
-                        log.warning("run folder %s has no checkpoint to continue from: its run starts afresh there "
-                                    "(its %s, %s and %s are replaced)", path, CONFIG, METRICS, SUMMARY)
-                    (path / METRICS).unlink(missing_ok=True)
+                    # Replaced once the new run has passed its start (begin): a start refused before
+                    # that (a plugin's check of its options) leaves the run the folder holds as it was.
+                    run._holding_back = True
+                    run._replacing = "restart" if restart and not overwrite else "overwrite"
         except BaseException:
             run.close()
             run._unmake(empty_only=True)
@@ -215,9 +217,21 @@ class RunDir:
         self._release_held_back()
         self.truncate_metrics(step)
 
+    def begin(self) -> None:
+        """A new run has passed its start (its plugins' checks): from here on the folder
+        is its own: write its config, and drop the metrics of a run it replaces."""
+        self._release_held_back()
+
     def _release_held_back(self) -> None:
         if self._holding_back:
             self._holding_back = False
+            if self._replacing == "restart":
+                log.warning("run folder %s has no checkpoint to continue from: its run starts afresh there "
+                            "(its %s, %s and %s are replaced)", self.path, CONFIG, METRICS, SUMMARY)
+            if self._replacing:
+                self._replacing = None
+                with _writing(self.path / METRICS):
+                    (self.path / METRICS).unlink(missing_ok=True)
             if self._held_back is not None:
                 self.write_config(self._held_back)
 
@@ -237,8 +251,9 @@ class RunDir:
 
         :param discard: the run was refused before it trained (bad input): a folder this
             run made goes again, with what is in it, instead of keeping a failed run's record.
-        A continued run that failed before its checkpoint was restored leaves the folder's
-        record (``config.toml``, ``summary.json``) as it was."""
+        A run that failed before it passed its start (a continued run before its checkpoint
+        was restored, a replacing run before :meth:`begin`) leaves the folder's record
+        (``config.toml``, ``metrics.jsonl``, ``summary.json``) as it was."""
         if discard and self.created:
             self._unmake(empty_only=False)
             self.close()

@@ -143,6 +143,8 @@ class Trainer(Checkpoints):
                 self._log_interval()  # saved in on_batch_end of a logging step, before its log: emit it, as the first run did
             if self.run_dir is not None and self.is_main:
                 self.run_dir.continue_from(self.state.step)
+        elif self.run_dir is not None and self.is_main:
+            self.run_dir.begin()  # past the plugins' checks: a run this one replaces goes now
         while not self.state.should_stop and self._next_epoch():
             if self.state.batch_idx < len(self.train_batches):  # else: resumed between its training and evaluation
                 self._train_epoch()

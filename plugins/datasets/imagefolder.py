@@ -93,9 +93,28 @@ def _folder(path: Path, transform: Callable[[Any], Any]) -> ImageFolder:
         raise UsageError(f"image folder {path} does not exist: --data-root must hold train/<class>/ and val/<class>/ "
                          f"folders of images (e.g. the seed's hymenoptera_data)")
     try:
-        return ImageFolder(str(path), transform=transform, loader=read_image)
+        images = ImageFolder(str(path), transform=transform, loader=read_image)
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
         raise UsageError(f"image folder {path}: {exc}") from None
+    _check_headers(images.samples)
+    return images
+
+
+def _check_headers(samples: list[tuple[str, int]]) -> None:
+    """Read every image's header (no pixels are decoded): a file PIL cannot identify,
+    or a decompression bomb, is refused now, before the run folder is made, rather
+    than part-way through the run.  Damage further into a file is found when it is read."""
+    from PIL import Image
+
+    for file, _ in samples:
+        try:
+            with Image.open(file):
+                pass
+        except Image.DecompressionBombError as exc:
+            raise UsageError(f"cannot read {file} ({ImageTooLarge.__name__}: {exc}); replace or remove it") from None
+        except OSError as exc:  # PIL's UnidentifiedImageError, an unreadable file
+            detail = type(exc).__name__ if file in str(exc) else f"{type(exc).__name__}: {exc}"
+            raise UsageError(f"cannot read {file} ({detail}); replace or remove it") from None
 
 
 class ImageTooLarge(OSError):
