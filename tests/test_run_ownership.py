@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -195,7 +196,7 @@ from trainer_core.rundir import RunDir
 
 run = RunDir.create(Path(sys.argv[1]), overwrite=True)
 if os.fork() == 0:  # a child the run started (a DataLoader worker), left running when the run is killed
-    print("child", flush=True)  # (it runs from here on: what happens in it at fork is done)
+    Path(sys.argv[2]).touch()  # it runs from here on: what happens in it at fork is done
     time.sleep(60)
     os._exit(0)
 print("held", flush=True)
@@ -205,11 +206,14 @@ time.sleep(60)
 
 def test_a_killed_runs_folder_is_free_at_once_even_while_its_child_processes_live(tmp_path: Path) -> None:
     folder = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(folder)], stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    child_started = tmp_path / "child-started"
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(folder), str(child_started)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert holder.stdout is not None
-        assert sorted(holder.stdout.readline() for _ in range(2)) == ["child\n", "held\n"]
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        deadline = time.monotonic() + 60
+        while not child_started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         with pytest.raises(UsageError, match="is in use by another run"):
             RunDir.create(folder, overwrite=True)
         holder.kill()
