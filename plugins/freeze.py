@@ -3,13 +3,9 @@ optionally unfreeze it later at a lower learning rate."""
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from trainer_core import UsageError, did_you_mean, hookimpl, loaded_weights
-from trainer_core_plugins.models.weights import find_head
-
-log = logging.getLogger("trainer_core")
 
 if TYPE_CHECKING:
     from torch import nn
@@ -145,10 +141,7 @@ def _check_loaded(model: nn.Module, frozen: set[int]) -> None:
     """Refuse to freeze parameters the starting weights did not provide: they would stay random for good."""
     record = loaded_weights(model)
     if record is None:
-        if frozen:
-            log.warning("freeze: the model was built without starting weights (model.weights), so the frozen "
-                        "layers keep their random initialisation")
-        return
+        return  # no starting weights: a random backbone is frozen on purpose (a baseline)
     fresh = [name for name, p in model.named_parameters() if id(p) in frozen and name in record.unloaded]
     if fresh:
         raise UsageError(f"freeze: {', '.join(fresh[:4])}{' ...' if len(fresh) > 4 else ''} were not loaded from "
@@ -158,6 +151,8 @@ def _check_loaded(model: nn.Module, frozen: set[int]) -> None:
 
 def _find_head(model: nn.Module) -> str:
     """The head's module name: ``fc``, ``classifier``, ``head``, or the last ``Linear``."""
+    from trainer_core_plugins.models.weights import find_head  # (imports torch: not when plugins are listed)
+
     name = find_head(model)
     if name is None:
         raise UsageError(

@@ -9,8 +9,11 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+    from torch.utils.data import Dataset
 
-    from trainer_core.data import Split
+    from trainer_core import TensorSplit
+
+    Split = TensorSplit | Dataset  # (a split of a DataBundle)
 
 LABEL_CHARS = 12  # class names are cut to this many characters
 CHAR = (6, 11)  # PIL's default bitmap font: width and height of a character

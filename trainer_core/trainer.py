@@ -265,7 +265,10 @@ class Trainer(Checkpoints):
             state.last_epoch_metrics = state.metrics
         state.restored = {"epoch": epoch, "step": step, "source": source}
         head = {"epoch": epoch, "step": step, "train/loss": trained.get("train/loss", math.nan)}
-        return self._evaluate(head, record=False)
+        metrics = self._evaluate(head, record=False)
+        if not metrics:  # a signal cut it short: the last epoch's evaluation stays the final one
+            state.restored = state.last_epoch_metrics = None
+        return metrics
 
     def _evaluate(self, head: dict[str, float], record: bool = True) -> dict[str, float]:
         model = self.forward_model  # never the strategy's wrapper: evaluation needs no gradient reduction
