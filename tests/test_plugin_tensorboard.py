@@ -497,6 +497,10 @@ def test_real_tensorboard_server_serves_the_run(finished: Finished) -> None:
         with urllib.request.urlopen(request, timeout=5) as response:
             experiment = json.load(response)
         assert {"lr", "epochs", "batch_size"} <= {info["name"] for info in experiment["hparamInfos"]}
+        # What runs are compared by comes first in the server's table (issue 18, item 6); Adam has no momentum.
+        compared = {"lr", "optimizer", "weight_decay", "batch_size", "epochs", "model.name", "dataset.name"}
+        assert {info["name"] for info in experiment["hparamInfos"][: len(compared)]} == compared
+        assert "momentum" not in {info["name"] for info in experiment["hparamInfos"]}
         assert {"val/acc", "val/loss"} <= {info["name"]["tag"] for info in experiment["metricInfos"]}
     finally:
         server.terminate()
