@@ -79,3 +79,24 @@ def test_checkpoints_record_the_input_normalisation(digits_run: Path, tmp_path: 
     lines = [line for line in output.splitlines() if "were trained on inputs with" in line]
     assert len(lines) == 1 and f"mean ({recorded['mean'][0]:.4g}) std ({recorded['std'][0]:.4g})" in lines[0]
     assert "this run feeds them no normalisation" in lines[0]
+
+
+def test_imagenet_weights_expect_imagenet_normalisation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    small = ["-o", "dataset.channels=3", "-o", "dataset.image_size=32", "-o", "dataset.train_size=8", "-o", "dataset.val_size=4"]
+    code, output = run("--model", "resnet18", "-o", "model.weights=imagenet", "--dataset", "fake", *small,
+                       "--run-dir", str(tmp_path / "raw"))
+    assert code == 0, output
+    lines = [line for line in output.splitlines() if "were trained on inputs with" in line]
+    assert len(lines) == 1 and "mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225)" in lines[0], output
+    assert "this run feeds them no normalisation" in lines[0]
+    # A grey dataset normalised with ImageNet's statistics averaged over R, G and B fits them (adapted weights).
+    from trainer_core import Normalization
+
+    imagenet = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert imagenet.matches(Normalization((sum(imagenet.mean) / 3,), (sum(imagenet.std) / 3,)))
+    assert not imagenet.matches(Normalization()) and not imagenet.matches(Normalization((0.5,), (0.5,)))

@@ -67,6 +67,7 @@ _LAZY = {
     "export_info": "trainer_core.safetensors_file",
     "loaded_weights": "trainer_core.transfer",
     "LoadedWeights": "trainer_core.transfer",
+    "Normalization": "trainer_core.transfer",
 }
 
 __all__ = ["PluginError", "TrainerError", "UsageError", "hookimpl", "hookspec", "make_plugin_manager", "rank_zero_only",
@@ -83,7 +84,7 @@ if TYPE_CHECKING:
     from trainer_core.state import TrainState
     from trainer_core.safetensors_file import export_info, read_safetensors, weights_source, write_safetensors
     from trainer_core.suggest import did_you_mean
-    from trainer_core.transfer import LoadedWeights, loaded_weights
+    from trainer_core.transfer import LoadedWeights, Normalization, loaded_weights
     from trainer_core.task import Task, metric_mode
     from trainer_core.trainer import Trainer
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from trainer_core_plugins.models.weights import load_into
-from trainer_core import UsageError, did_you_mean
+from trainer_core import Normalization, UsageError, did_you_mean, loaded_weights
 
 
 def build(input_shape: tuple[int, ...], num_classes: int, arch: str, weights: str | None = None,
@@ -40,6 +40,10 @@ def build(input_shape: tuple[int, ...], num_classes: int, arch: str, weights: st
     if weights == "imagenet":  # RGB weights: loaded before the first layer is adapted to the channels
         path = imagenet_file(arch)
         load_into(model, torch.load(path, map_location="cpu", weights_only=True), origin=str(path), strict=strict)
+        record = loaded_weights(model)
+        if record is not None:  # what torchvision's own transforms for these weights normalise with
+            expected = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+            record.normalization = Normalization(tuple(expected.mean), tuple(expected.std))
     if input_shape[0] != 3:
         adapt_input_channels(model, input_shape[0])
     if weights is not None and weights != "imagenet":  # saved from a model already adapted like this one
