@@ -17,6 +17,8 @@ thread count, interleaved and repeated, it times
   (c)  ``Trainer`` with every built-in plugin on (tensorboard, steplr,
        checkpoint every epoch, class-accuracy, progress), at their defaults,
   (c+) the same with tensorboard's opt-in training accuracy,
+  (d)  ``Trainer`` with ``trainer run``'s default plugins (progress, checkpoint
+       every epoch), at their defaults,
   (m)  ``--with-mlflow``: (c) and the mlflow plugin, its store the default
        SQLite file beside the run folder (needs ``pip install -e '.[mlflow]'``),
 
@@ -60,7 +62,7 @@ from torch import nn
 from trainer_core_plugins.models.convnet import build as build_convnet
 from trainer_core_plugins.models.mlp import build as build_mlp
 from trainer_core import hookimpl
-from trainer_core.config import RunConfig
+from trainer_core.config import DEFAULT_PLUGINS, RunConfig
 from trainer_core.data import DataBundle, TensorSplit, epoch_order
 from trainer_core.pluginmanager import make_plugin_manager
 from trainer_core.rundir import RunDir
@@ -236,6 +238,7 @@ def variants_for(subject: Subject, data: DataBundle, batch_size: int, folder: Pa
         "b' the same again (noise gauge)": trainer_with({}),
         "c trainer, all built-ins": trainer_with(ALL_PLUGINS),
         "c+ and train accuracy": trainer_with({**ALL_PLUGINS, "tensorboard": {"train_accuracy": True}}),
+        "d trainer run's default plugins": trainer_with({name: ALL_PLUGINS[name] for name in DEFAULT_PLUGINS}),
     }
     if mlflow:
         variants["m all built-ins and mlflow"] = trainer_with({**ALL_PLUGINS, "mlflow": {}})

@@ -108,3 +108,17 @@ def test_the_readmes_using_a_trained_model_works_on_the_first_runs_folder(defaul
             if output.suffix in (".ts", ".pt2"):  # programs: they take 8x8 digits and give 10 logits
                 model = torch.jit.load(output) if output.suffix == ".ts" else torch.export.load(output).module()
                 assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_the_default_plugins_run_no_hook_during_training_steps():
+    """Why keeping the model by default costs nothing per step: at their defaults, neither default plugin
+    implements a hook the loop calls per batch (an unregistered hook is never called; BENCHMARKS.md has the timing)."""
+    from trainer_core import RunConfig, make_plugin_manager
+    from trainer_core.runner import load_plugins
+
+    pm = make_plugin_manager()
+    load_plugins(pm, RunConfig().plugins)
+    assert sorted(name for name, _ in pm.list_name_plugin()) == ["checkpoint", "progress"]
+    per_step = ["on_batch_start", "on_before_backward", "on_before_optimizer_step", "on_batch_end"]
+    assert {name: [impl.plugin_name for impl in getattr(pm.hook, name).get_hookimpls()] for name in per_step} == \
+        {name: [] for name in per_step}

@@ -218,7 +218,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
     @reports_errors
     def run(config_file: Path | None, plugins: tuple[str, ...], overrides: tuple[str, ...], resume_path: Path | None,
             overwrite: bool, quiet: bool, **settings: Any) -> None:
-        """Train a model and write a run folder (config.toml, metrics.jsonl, summary.json).
+        """Train a model and write a run folder (config.toml, metrics.jsonl, summary.json, checkpoints/).
 
         \b
         Examples:
