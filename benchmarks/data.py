@@ -2,6 +2,7 @@
 
     python benchmarks/data.py [--epochs 2] [--threads N]
     python benchmarks/data.py --case imagefolder [--sizes 28,64] [--epochs 3] [--repeats 1] [--threads N]
+        [--folder-size 244,154]
 
 ``--case mlp`` (the default):
 
@@ -25,11 +26,12 @@ random weights (``model.weights=none``): the same work per step.  Variants, in
 turn within each repeat: (s) the seed's program in this process (its
 transforms, ``DataLoader(batch_size=4, shuffle=True, num_workers=0)``, frozen
 backbone, SGD 0.001, StepLR 7/0.1, best weights copied); (t) ``trainer run``
-with the defaults; (t1) the same with ``--num-workers 1`` (the default before
-issue 17); (c) with ``-o dataset.cache=true``; and (m) the seed's steps alone
-on batches made before each epoch's clock starts: what no data path can beat.  It prints each one's seconds a
-whole epoch (training and validation) and the ratios to (s) of the first epoch
-and of the mean of the others.  A run's start (imports, listing or decoding
+with the defaults (loader processes: the cores the threads leave free); (t1)
+the same with ``--num-workers 1`` (the default before issue 17); (c) with
+``-o dataset.cache=true``; and (m) the seed's steps alone on batches made
+before each epoch's clock starts: what no data path can beat.  It prints each
+one's seconds a whole epoch (training and validation) and the ratios to (s)
+of the first epoch and of the mean of the others.  A run's start (imports, listing or decoding
 the folder) is reported apart, as "setup".
 
 Both need the Debian package ``dataset-fashion-mnist`` (or ``--data-root``
@@ -61,6 +63,7 @@ from torchvision import transforms
 from trainer_core_plugins.datasets.mnist import FILES, load_fashion_mnist
 from trainer_core_plugins.models.mlp import build as build_mlp
 from trainer_core.config import RunConfig
+from trainer_core.data import default_workers
 from trainer_core.trainer import Trainer
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -149,12 +152,14 @@ def sandal_sneaker_folder(out: Path, train: int = 244, val: int = 154, data_root
     return out
 
 
-def seed_transfer_program(data_dir: Path, size: int, epochs: int, data_free: bool = False) -> tuple[list[float], float]:
+def seed_transfer_program(data_dir: Path, size: int, epochs: int,
+                          data_seconds: list[float] | None = None) -> tuple[list[float], float]:
     """The seed's program (2), as it wrote it but for the image size (``size``;
     the seed's 224 and 256 are ``size`` and ``size * 8 / 7``) and random weights;
-    returns (seconds per epoch, best validation accuracy).  ``data_free``: each
-    epoch's batches are made before its clock starts, so the time is the steps'
-    alone: the least any data path could cost."""
+    returns (seconds per epoch, best validation accuracy).  With ``data_seconds``
+    each epoch's batches are made before its clock starts (the time that takes
+    is appended to it), so the time is the steps' alone: the least any data
+    path could cost."""
     import numpy as np
     from torch.optim import lr_scheduler
     from torchvision import datasets, models
@@ -180,7 +185,10 @@ def seed_transfer_program(data_dir: Path, size: int, epochs: int, data_free: boo
     scheduler = lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
     best_model_wts, best_acc, seconds = copy.deepcopy(model.state_dict()), 0.0, []
     for epoch in range(epochs):
-        ready = {x: list(dataloaders[x]) for x in dataloaders} if data_free else dataloaders
+        made = time.perf_counter()
+        ready = {x: list(dataloaders[x]) for x in dataloaders} if data_seconds is not None else dataloaders
+        if data_seconds is not None:
+            data_seconds.append(time.perf_counter() - made)
         started = time.perf_counter()
         for phase in ["train", "val"]:
             model.train() if phase == "train" else model.eval()
@@ -231,20 +239,22 @@ def trainer_run(data_dir: Path, size: int, epochs: int, runs: Path, *options: st
 def compare_imagefolder(args: argparse.Namespace) -> None:
     """``--case imagefolder``: see the module's docstring."""
     variants = {"s": "seed's program (2), num_workers=0", "m": "(s)'s steps alone, batches made beforehand",
-                "t": "trainer run, defaults",
+                "t": f"trainer run, defaults ({default_workers(torch.device('cpu'))} loader processes)",
                 "t1": "trainer run --num-workers 1 (old default)", "c": "trainer run -o dataset.cache=true"}
     options = {"t": (), "t1": ("--num-workers", "1"), "c": ("-o", "dataset.cache=true")}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {len(os.sched_getaffinity(0))} core(s), CPU, "
-          f"load average {os.getloadavg()[0]:.1f} at start; sandal-vs-sneaker folder 244/154 PNGs (28x28 Fashion-MNIST), "
+          f"load average {os.getloadavg()[0]:.1f} at start; sandal-vs-sneaker folder "
+          f"{args.folder_size[0]}/{args.folder_size[1]} PNGs (28x28 Fashion-MNIST), "
           f"ResNet-18 random init, frozen but fc, batch 4, SGD 0.001, StepLR 7/0.1, {args.epochs} epochs")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = sandal_sneaker_folder(Path(tmp) / "sandal-sneaker", data_root=args.data_root)
+        folder = sandal_sneaker_folder(Path(tmp) / "sandal-sneaker", *args.folder_size, data_root=args.data_root)
         for size in args.sizes:
             for repeat in range(args.repeats):
-                rows = {}
+                rows, data_seconds = {}, []
                 for key in variants:
                     if key in ("s", "m"):
-                        rows[key] = (0.0, *seed_transfer_program(folder, size, args.epochs, data_free=key == "m"))
+                        rows[key] = (0.0, *seed_transfer_program(folder, size, args.epochs,
+                                                                 data_seconds if key == "m" else None))
                     else:
                         rows[key] = trainer_run(folder, size, args.epochs, Path(tmp) / "runs", *options[key])
                 print(f"{size} px, repeat {repeat + 1}: seconds per epoch (train + val); ratio = (s) / variant "
@@ -254,9 +264,12 @@ def compare_imagefolder(args: argparse.Namespace) -> None:
                     rest = seconds[1:]
                     later = (f"; later epochs mean {sum(rest) / len(rest):.2f} s, ratio "
                              f"{(sum(seed_rest) / len(seed_rest)) / (sum(rest) / len(rest)):.2f}x") if rest else ""
-                    print(f"  ({key:>2}) {variants[key]:<42} setup {setup:5.2f} s; epochs "
+                    print(f"  ({key:>2}) {variants[key]:<44} setup {setup:5.2f} s; epochs "
                           f"{', '.join(f'{x:.2f}' for x in seconds)}; first ratio {seed_first / seconds[0]:.2f}x"
                           f"{later}; best val acc {best:.3f}")
+                share = sum(data_seconds) / (sum(data_seconds) + sum(rows["m"][1]))
+                print(f"  (m) made its batches in {', '.join(f'{x:.2f}' for x in data_seconds)} s: {share:.0%} of its "
+                      f"time, so no data path can make the seed's epochs more than {1 / (1 - share):.2f}x faster")
 
 
 def main() -> None:
@@ -268,6 +281,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=lambda text: [int(x) for x in text.split(",")], default=[28, 64],
                         help="imagefolder: image sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=1, help="imagefolder: times to run the variants, in turn")
+    parser.add_argument("--folder-size", type=lambda text: [int(x) for x in text.split(",")], default=[244, 154],
+                        help="imagefolder: training and validation images, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # (the trainer's processes, in --case imagefolder)
