@@ -394,8 +394,8 @@ def default_workers(device: torch.device) -> int:
     """Loader processes for file-backed datasets: the cores this process may use
     that the training's threads leave free, at most 4.  On the CPU torch's
     threads already take every core (its default), so there are none: a loader
-    process there only takes turns with them (on 2 cores it made ResNet-18
-    epochs slower than the seed's program, which uses none; BENCHMARKS.md).
+    process there only takes turns with them (the seed's program uses none;
+    issue 17 measured the trainer with one 18-25 % slower than it on 2 cores).
     An accelerator leaves the host free: all cores but one for the loop."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = torch.get_num_threads() if device.type == "cpu" else 1
