@@ -194,29 +194,53 @@ def test_two_jobs_share_one_study_without_repeating_a_trial_number(tmp_path: Pat
         == ["0", "1", "2", "3"]
 
 
+def second_trial_under_way(tmp_path: Path, name: str, *args: str) -> subprocess.Popen[str]:
+    """A sweep in a subprocess, once trial 0 has finished and trial 1 has evaluated its first epoch
+    (of 20: it is still running when the test stops the sweep)."""
+    proc = sweep_process(tmp_path, "--trials", "3", "-s", "lr=log:1e-3:1e-1", *TINY, "--epochs", "20", "--name", name)
+    metrics = tmp_path / "runs" / name / "trial-0001" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the sweep ended before its second trial was under way: {proc.communicate()}"
+    return proc
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_with_the_same_command(tmp_path: Path) -> None:
-    args = ["--trials", "3", "-s", "lr=log:1e-3:1e-1", *TINY, "--epochs", "3", "--name", "k"]
     folder = tmp_path / "runs" / "k"
-    proc = sweep_process(tmp_path, *args)
-    assert proc.stdout is not None
-    while not (line := proc.stdout.readline()).startswith("trial 0 "):
-        assert line, proc.stderr.read() if proc.stderr else ""
-    while not any(t.state.name == "RUNNING" for t in load(folder, "k").trials):  # the next trial has started
-        time.sleep(0.2)
+    proc = second_trial_under_way(tmp_path, "k")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed = next(t for t in load(folder, "k").trials if t.state.name == "RUNNING")
+    killed = load(folder, "k").trials[1]
+    assert killed.state.name == "RUNNING"  # as Optuna leaves a trial whose process died
     first = (folder / "trial-0000" / "summary.json").read_bytes()
 
-    again = sweep_process(tmp_path, *args)
+    again = sweep_process(tmp_path, "--trials", "3", "-s", "lr=log:1e-3:1e-1", *TINY, "--epochs", "20", "--name", "k")
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
-    assert f"trial {killed.number} was left running by a process that is gone" in out
+    assert "trial 1 was left running by a process that is gone" in out
     trials = load(folder, "k").trials
-    assert [t.number for t in trials] == list(range(len(trials)))
-    assert trials[killed.number].state.name == "FAIL"
-    retry = next(t for t in trials if t.user_attrs.get("retry_of") == killed.number)
-    assert retry.params == killed.params and retry.state.name == "COMPLETE"
-    assert sum(t.state.name == "COMPLETE" for t in trials) == 3 and len(trials) == 4  # nothing lost, nothing repeated
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # nothing lost or repeated
+    assert trials[2].params == killed.params and trials[2].user_attrs["retry_of"] == 1  # the killed values first
     assert (folder / "trial-0000" / "summary.json").read_bytes() == first  # a finished trial is left as it was
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_trial_and_queues_its_values_again(tmp_path: Path) -> None:
+    folder = tmp_path / "runs" / "c"
+    proc = second_trial_under_way(tmp_path, "c")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert "trial 1 interrupted" in out and "trial  state" in out  # the table, as at the end of a sweep
+    assert [t.state.name for t in load(folder, "c").trials] == ["COMPLETE", "FAIL", "WAITING"]  # (WAITING: queued)
+    stopped = summary(folder / "trial-0001")
+    assert (stopped["status"], stopped["stop_reason"]) == ("stopped", "received SIGINT")
+    # Two finished trials are enough now: the one more the sweep runs is the interrupted trial's values.
+    again = sweep_process(tmp_path, "--trials", "2", "-s", "lr=log:1e-3:1e-1", *TINY, "--epochs", "20", "--name", "c")
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    trials = load(folder, "c").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == trials[1].params and trials[2].user_attrs["retry_of"] == 1

@@ -17,8 +17,6 @@ marked failed and its values run again.
 from __future__ import annotations
 
 import math
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ import pluggy
 from trainer_core.config import RunConfig, resolve_config
 from trainer_core.errors import TrainerError, UsageError
 from trainer_core.pluginmanager import hookimpl, make_plugin_manager, register
+from trainer_core.sweepjobs import this_process
 from trainer_core.sweepspace import Dimension, as_run_options, parse_space
 
 if TYPE_CHECKING:
@@ -168,53 +167,6 @@ def _differences(saved: Any, wanted: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {old.get(k, 'unset')}, here {new.get(k, 'unset')}" for k in keys[:3])
 
 
-# -- processes: who runs a trial, and whether it still lives ---------------------
-
-def _start_time(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, from /proc), so that a
-    recycled process id is not taken for the process that ran a trial."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: Any, started: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    if Path("/proc/self/stat").exists():
-        return _start_time(pid) == started
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
-
-
-def this_process() -> dict[str, Any]:
-    """What a trial records of the process that runs it."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": _start_time(os.getpid())}
-
-
-def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Trials left running by a process of this machine that no longer lives (a killed
-    sweep): mark them failed and queue their values again, so a resumed sweep neither
-    loses nor counts them.  Called once per ``trainer sweep`` before its processes start
-    (trials of other machines are theirs to fail when they start again).  Returns their numbers."""
-    from optuna.trial import TrialState
-
-    host, failed = socket.gethostname(), []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = trial.user_attrs
-        if attrs.get("host") == host and not _alive(attrs.get("pid"), attrs.get("pid_started")):
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            failed.append(trial.number)
-    return failed
-
-
 # -- one trial ----------------------------------------------------------------
 
 class TrialPruner:
@@ -341,55 +293,6 @@ def work(spec: SweepSpec, pm_factory: Callable[[], pluggy.PluginManager] = make_
     return 0
 
 
-# -- several processes ----------------------------------------------------------
-
-def _worker_main(spec: SweepSpec, worker: int, threads: int) -> None:
-    """One of ``--jobs`` processes: its share of the cores, and it stops (as on
-    SIGTERM: the trial is marked failed and queued again) when the sweep's process dies."""
-    import signal
-    import sys
-    import threading
-
-    import torch
-
-    torch.set_num_threads(threads)
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="trainer-sweep-watch", daemon=True).start()
-    try:
-        sys.exit(work(spec, worker=worker))
-    except TrainerError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-
-
-def run_jobs(spec: SweepSpec, jobs: int) -> int:
-    """Run ``jobs`` worker processes (not threads: each trains with its own share of the
-    cores) and wait for them; return the first non-zero exit status, or 0."""
-    import multiprocessing
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    context = multiprocessing.get_context("spawn")  # (a fork would copy torch's threads and locks mid-state)
-    processes = [context.Process(target=_worker_main, args=(spec, index, max(1, cores // jobs)), name=f"sweep-{index}")
-                 for index in range(jobs)]
-    for process in processes:
-        process.start()
-    while True:
-        try:
-            for process in processes:
-                process.join()
-            break
-        except KeyboardInterrupt:  # the workers got it too, and stop after their step
-            continue
-    codes = [p.exitcode or 0 for p in processes]
-    return next((c if c > 0 else 128 - c for c in codes if c), 0)
-
-
 # -- the end: a table and the best settings -----------------------------------
 
 def trials_table(study: optuna.Study, metric: str) -> str:
@@ -401,7 +304,7 @@ def trials_table(study: optuna.Study, metric: str) -> str:
         value = t.value if t.value is not None else (t.intermediate_values[t.last_step] if t.last_step is not None else None)
         retry = t.user_attrs.get("retry_of")
         rows.append([str(t.number), t.state.name.lower() + (f" (retry of {retry})" if retry is not None else ""),
-                     f"{value:.4g}" if value is not None else "-", describe_params(t.params), str(t.user_attrs.get("run", "-"))])
+                     f"{value:.4g}" if value is not None else "-", describe_params(t.params) or "-", str(t.user_attrs.get("run", "-"))])
     return format_table(["trial", "state", metric, "values", "run folder"], rows, [True, False, True, False, False])
 
 

@@ -63,8 +63,9 @@ def add_sweep_command(cli: click.Group, run: click.Command, pm_factory: Callable
           trainer sweep --study cnn --storage postgresql://db/optuna -s lr=log:1e-4:1e-1   (on each machine)
         """
         from trainer_core.cli import recipe_or_config
-        from trainer_core.sweep import (STORAGE_FILE, SweepSpec, check_sweep, fail_stale_trials, open_study, require_optuna, run_jobs,
-                                        trials_table, work, write_best_config)
+        from trainer_core.sweep import (STORAGE_FILE, SweepSpec, check_sweep, open_study, require_optuna, trials_table, work,
+                                        write_best_config)
+        from trainer_core.sweepjobs import fail_stale_trials, run_jobs
 
         require_optuna()
         config_file = recipe_or_config(settings.pop("recipe"), config_file)
