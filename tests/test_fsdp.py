@@ -40,6 +40,7 @@ PROBE = '''
 from pathlib import Path
 
 from trainer_core import hookimpl
+from trainer_core.distributed import rank_zero_only
 
 
 class Weights:
@@ -53,6 +54,22 @@ class Weights:
         weights = {k: v.detach().cpu() for k, v in trainer.model_weights().items()}
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save({"weights": weights, "strategy": trainer.strategy.name}, self.out / f"rank{trainer.rank}.pt")
+
+
+@rank_zero_only
+class ZeroReads:
+    """On rank zero alone, after the run (as a tracker uploads the model): the last checkpoint's whole weights."""
+
+    def __init__(self, out: str = "") -> None:
+        self.out = Path(out)
+
+    @hookimpl
+    def on_run_end(self, trainer):
+        import torch
+        from trainer_core.checkpointing import checkpoint_weights, load_checkpoint
+
+        weights = checkpoint_weights(load_checkpoint(trainer.run_path / "checkpoints" / "last.pt"), trainer.model)
+        torch.save(dict(weights), self.out)
 '''
 
 JOB = [
@@ -74,7 +91,7 @@ TIMEOUT = 300
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = write_fake_distribution(tmp_path_factory.mktemp("site"), "fsdp-probe",
-                                     {"trainer.plugins": {"weights-probe": "fsdp_probe:Weights"}},
+                                     {"trainer.plugins": {"weights-probe": "fsdp_probe:Weights", "zero-reads": "fsdp_probe:ZeroReads"}},
                                      modules={"fsdp_probe": PROBE})
     yield folder
 
@@ -97,13 +114,14 @@ def runs(site: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     for name, strategy in (("ddp", "ddp"), ("fsdp", "fsdp")):
         done = launch(site, 2, [*JOB, "--strategy", strategy, "--epochs", "3", "--run-dir", str(root / name),
-                                *probe(root / f"{name}-probe")])
+                                *probe(root / f"{name}-probe"), "--plugins", "zero-reads", "-o",
+                                f"zero-reads.out={root / f'{name}-zero-reads.pt'}"])
         assert done.returncode == 0, done.stderr
         (root / f"{name}.stderr").write_text(done.stderr)
     epoch2 = epoch_checkpoint(root / "fsdp", 2)
     for name, nproc in (("fsdp-resumed-2", 2), ("fsdp-resumed-1", 1)):
         done = launch(site, nproc, [*JOB, "--strategy", "fsdp", "--epochs", "3", "--resume", str(epoch2),
-                                    "--run-dir", str(root / name), *probe(root / f"{name}-probe")])
+                                    "--run-dir", str(root / name), *probe(root / f"{name}-probe"), "--plugins", "no:zero-reads"])
         assert done.returncode == 0, done.stderr
     return root
 
@@ -155,6 +173,17 @@ def test_each_rank_writes_its_shards_beside_a_checkpoint_that_holds_no_weights(r
     # One shards folder per checkpoint: the replaced ones were removed.
     assert [p.name for p in shards_root(last).iterdir()] == [folder.name]
     assert len(list((runs / "fsdp" / "checkpoints").glob("*.pt.shards"))) == 4  # last.pt and 3 best
+
+
+@pytest.mark.slow
+def test_rank_zero_alone_reads_a_sharded_checkpoint_during_the_run(runs: Path) -> None:
+    # A rank-zero-only plugin (a tracker uploading the model) reads the shards while the process group is up.
+    assert "zero-reads" not in (runs / "fsdp.stderr").read_text()  # (a failure there is only a warning)
+    read = torch.load(runs / "fsdp-zero-reads.pt", weights_only=True)
+    final = weights(runs, "fsdp")["weights"]
+    assert read.keys() == final.keys()
+    for key, value in final.items():
+        assert not read[key].is_meta and torch.equal(read[key], value), key
 
 
 @pytest.mark.slow
@@ -265,7 +294,7 @@ def test_a_damaged_shard_is_refused_and_resume_auto_passes_over_it(runs: Path, t
 
 @pytest.mark.slow
 def test_a_sharded_checkpoint_is_refused_by_a_run_that_keeps_whole_weights(runs: Path, tmp_path: Path) -> None:
-    done = CliRunner().invoke(make_cli(), ["run", *JOB, "--epochs", "4", "--strategy", "auto", "--plugins", "no:weights-probe", "--resume",
+    done = CliRunner().invoke(make_cli(), ["run", *JOB, "--epochs", "4", "--strategy", "auto", "--plugins", "no:weights-probe,no:zero-reads", "--resume",
                                            str(epoch_checkpoint(runs / "fsdp", 2)), "--run-dir", str(tmp_path / "r")])
     assert done.exit_code == 2
     assert "holds sharded weights" in done.output and "--strategy fsdp" in done.output

@@ -163,6 +163,11 @@ def check_layout(payload: Mapping[str, Any], sharding: bool) -> None:
                          "that wrote it, or start from its weights with -o model.weights=PATH")
 
 
+# The record types of torch.distributed.checkpoint.metadata that a .metadata file holds.
+_RECORDS = frozenset({"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                      "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"})
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's ``.metadata``: its record types, tensor sizes, dtypes and layouts, nothing else."""
 
@@ -170,7 +175,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         import torch
         import torch.distributed.checkpoint.metadata as records
 
-        if module == records.__name__ and isinstance(getattr(records, name, None), type):
+        if module == records.__name__ and name in _RECORDS:
             return getattr(records, name)
         if (module, name) in (("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
                               ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")):
@@ -234,10 +239,11 @@ def _planner() -> Any:
     return Planner()
 
 
-def read_shards(folder: Path, state: dict[str, Any]) -> None:
+def read_shards(folder: Path, state: dict[str, Any], *, alone: bool = False) -> None:
     """Fill ``state`` (tensors of the wanted shapes, sharded or whole) from the
-    shards in ``folder``, in place.  Under a process group every rank calls it;
-    in one process it reads whole tensors."""
+    shards in ``folder``, in place.  Under a process group every rank calls it,
+    unless ``alone``: then this process reads whole tensors by itself (as one
+    without a process group does)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -247,7 +253,7 @@ def read_shards(folder: Path, state: dict[str, Any]) -> None:
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=reader, planner=_planner(), no_dist=not is_initialized())
+            dcp.load(state, storage_reader=reader, planner=_planner(), no_dist=alone or not is_initialized())
     except (Exception, CheckpointException) as exc:  # (a BaseException: DCP's wrapper of every rank's failure)
         if isinstance(exc, CheckpointException) and exc.failures:
             exc = next(iter(exc.failures.values()))[0]
@@ -256,12 +262,15 @@ def read_shards(folder: Path, state: dict[str, Any]) -> None:
 
 
 def read_model_shards(folder: Path, own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The saved model weights in ``folder`` as whole tensors, for a model whose state dict
-    is ``own``: those that fit are read; any other is a ``meta`` tensor of its saved shape."""
+    """The saved model weights in ``folder`` as whole tensors in CPU memory, read by this
+    process alone (also under a process group: rank zero's plugins call it), for a model
+    whose state dict is ``own`` (whole or sharded): those that fit are read; any other is a
+    ``meta`` tensor of its saved shape."""
     import torch
 
     saved = {key[len("model."):]: meta for key, meta in _metadata(folder).state_dict_metadata.items()
              if key.startswith("model.") and hasattr(meta, "size")}
-    fits = {k: torch.empty_like(own[k], device="cpu") for k, meta in saved.items() if k in own and tuple(meta.size) == own[k].shape}
-    read_shards(folder, {"model": fits})
+    fits = {k: torch.empty(tuple(meta.size), dtype=own[k].dtype) for k, meta in saved.items()
+            if k in own and tuple(meta.size) == own[k].shape}
+    read_shards(folder, {"model": fits}, alone=True)
     return {k: fits.get(k, torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device="meta")) for k, meta in saved.items()}
