@@ -29,7 +29,7 @@ def test_overhead_checks_equal_weights_then_reports_every_variant() -> None:
                      "--steps", "12", "--each-plugin")
     assert "seed MLP 1x28x28, batch 4, 12 steps an epoch: weights of (a) and (b) identical" in out
     variants = ["a\\+ and its running loss", "b trainer, no plugins", "c trainer, all built-ins", "tensorboard alone",
-                "progress alone"]
+                "progress alone", "d trainer run's default plugins"]
     for variant in variants:
         rows = re.findall(rf"{variant}\s+([\d.]+)\s+\[[\d.]+-[\d.]+\]\s+[-+][\d.]+ us\s+[-+][\d.]+ %", out)
         assert len(rows) == 2 and all(float(r) > 0 for r in rows), variant  # steady state and whole runs

@@ -194,8 +194,10 @@ def test_importing_the_plugins_does_not_import_torch() -> None:
 
 def test_model_with_the_wrong_number_of_outputs_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="tensorboard: the model gives 5 scores per sample but the dataset has 3 classes"):
-        run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, model=tiny_model(num_classes=5), run_dir=tmp_path / "run", epochs=1)
-    assert read_events(tmp_path / "run" / "tensorboard").Scalars("train/loss")  # the writer was closed and flushed
+        run_tiny({"tensorboard": TensorBoard(images=0, graph=False, log_dir=tmp_path / "events")}, model=tiny_model(num_classes=5),
+                 run_dir=tmp_path / "run", epochs=1)
+    assert read_events(tmp_path / "events").Scalars("train/loss")  # the writer was closed and flushed
+    assert not (tmp_path / "run").exists()  # refused before the run kept anything: the folder it made goes (issue 15)
 
 
 def test_histograms_at_each_epoch_end_with_none(finished: Finished) -> None:

@@ -25,8 +25,10 @@ CPU = torch.device("cpu")
 
 
 def invoke(*args: object) -> tuple[int, str]:
+    """The exit status, and what the command printed: its results (stdout) or its error (stderr). What a
+    command that worked says on stderr (which checkpoint of a run folder it used) is not part of its results."""
     result = CliRunner().invoke(make_cli(), [str(a) for a in args])
-    return result.exit_code, result.output
+    return result.exit_code, result.stdout if result.exit_code == 0 else result.stderr
 
 
 def ready(name: str, data: DataBundle, **options: object) -> Task:
