@@ -96,6 +96,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError(f"checkpoint {path} is damaged or not a checkpoint: {reason}") from None
     if not isinstance(payload, dict):
         raise UsageError(f"checkpoint {path} does not hold a checkpoint (found {type(payload).__name__})")
+    weights = payload.get("model")
+    if isinstance(weights, Mapping):  # ours: the weights by name (a plain state dict may name a tensor "model")
+        bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise UsageError(f"checkpoint {path} is damaged: its 'model' holds {type(weights[bad[0]]).__name__} under "
+                             f"{bad[0]!r}, not a tensor")
+    elif weights is not None and not isinstance(weights, torch.Tensor):
+        raise UsageError(f"checkpoint {path} is damaged: its 'model' is {type(weights).__name__}, not weights by name")
     if payload.get("shards") is not None:  # a sharded model's: its weights are in a folder beside it
         payload["shards"] = resolve_shards(path, payload["shards"], payload.get("shard_digests"))
     return payload

@@ -87,16 +87,14 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
 
     part("config", Mapping, required=False)
     if payload.get("shards") is None:
-        model = part("model", Mapping)
-        bad = [k for k, v in model.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-        if bad:
-            raise _Refused(f"its 'model' holds {_kind(model[bad[0]])} under {bad[0]!r}, not a tensor")
+        part("model", Mapping)  # (its entries are checked by load_checkpoint)
     optimizer = part("optimizer", Mapping, required=False)
     if optimizer is not None:
         groups = optimizer.get("param_groups")
         if not isinstance(optimizer.get("state"), Mapping) or not isinstance(groups, list) or not all(
                 isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
             raise _Refused("its 'optimizer' is not an optimizer's state (state and param_groups)")
+        _check_settings(groups, (payload.get("config") or {}).get("optimizer"))
     plugins = part("plugins", Mapping, required=False)
     if plugins is not None and not all(isinstance(name, str) for name in plugins):
         raise _Refused("its 'plugins' is not keyed by plugin names")
@@ -131,6 +129,28 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
     rank_states = part("rank_rng", list, required=False)
     for i, rank_state in enumerate(rank_states or []):
         _check_random_state(rank_state, f"rank_rng[{i}]")
+
+
+def _check_settings(groups: list[Mapping[str, Any]], name: object) -> None:
+    """Each parameter group holds the settings its optimizer's groups hold, numbers where they are numbers."""
+    import torch
+
+    from trainer_core.config import RunConfig
+    from trainer_core.stepping import OPTIMIZERS
+
+    config = RunConfig()
+    factory = OPTIMIZERS.get(name if isinstance(name, str) else config.optimizer)
+    if factory is None:
+        return  # (another optimizer is refused by check_same_optimizer, naming it)
+    reference = factory([torch.zeros(1, requires_grad=True)], config).param_groups[0]
+    for index, group in enumerate(groups):
+        for key, value in reference.items():
+            if key == "params":
+                continue
+            if key not in group:
+                raise _Refused(f"its optimizer's parameter group {index} has no '{key}'")
+            if _number(value) and not (_number(group[key]) or isinstance(group[key], torch.Tensor)):
+                raise _Refused(f"its optimizer's '{key}' in parameter group {index} is {_kind(group[key])}, not a number")
 
 
 def _check_random_state(state: Any, where: str) -> None:
