@@ -91,8 +91,9 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
     optimizer = part("optimizer", Mapping, required=False)
     if optimizer is not None:
         groups = optimizer.get("param_groups")
-        if not isinstance(optimizer.get("state"), Mapping) or not isinstance(groups, list) or not all(
-                isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
+        state = optimizer.get("state")
+        if not isinstance(state, Mapping) or not all(isinstance(s, Mapping) for s in state.values()) or not isinstance(
+                groups, list) or not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
             raise _Refused("its 'optimizer' is not an optimizer's state (state and param_groups)")
         _check_settings(groups, (payload.get("config") or {}).get("optimizer"))
     plugins = part("plugins", Mapping, required=False)
