@@ -117,6 +117,11 @@ class MLflow:
         if found is None or found.lifecycle_stage != "active":
             raise UsageError(f"mlflow: experiment '{self.experiment}' is deleted in {client.tracking_uri}; restore it "
                              "(mlflow experiments restore) or choose another with -o mlflow.experiment=NAME")
+        if artifact_root is not None and found.artifact_location != artifact_root:
+            # The default store is a file in the runs root: what it says must not choose where the run writes.
+            raise UsageError(f"mlflow: experiment '{self.experiment}' in {client.tracking_uri} keeps its artifacts at "
+                             f"{found.artifact_location}, not beside the store ({artifact_root}); choose another with "
+                             "-o mlflow.experiment=NAME, or name the store with -o mlflow.tracking_uri=URI")
         return found.experiment_id
 
     def _start(self, trainer: Trainer) -> None:

@@ -194,6 +194,17 @@ def test_bad_options_and_a_missing_package_are_one_line_errors(tmp_path: Path) -
     assert "pip install 'trainer-core[mlflow]'" in lines[0] and not (tmp_path / "run2").exists()
 
 
+def test_the_default_store_cannot_send_the_artifacts_elsewhere(tmp_path: Path) -> None:
+    # A store copied or written by someone else names where its experiment keeps artifacts.
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    runs.mkdir()
+    client_for(runs).create_experiment("trainer-core", artifact_location=elsewhere.as_uri())
+    code, output = invoke("run", *RUN, "--epochs", "1", "--runs-root", runs, "--name", "r")
+    assert code == 2 and output.startswith("error: mlflow: experiment 'trainer-core' in sqlite:") and output.count("\n") == 1
+    assert "keeps its artifacts at file://" in output and "-o mlflow.experiment=NAME" in output
+    assert not elsewhere.exists() and not (runs / "r").exists()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

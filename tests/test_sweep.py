@@ -181,9 +181,12 @@ def sweep_process(cwd: Path, *args: str) -> subprocess.Popen[str]:
 
 @pytest.mark.slow
 def test_two_jobs_share_one_study_without_repeating_a_trial_number(tmp_path: Path) -> None:
+    # A module in the working directory that a spawned worker would import in place of the standard library's.
+    (tmp_path / "pickle.py").write_text(f"open({str(tmp_path / 'imported-pickle')!r}, 'w').close()\n")
     proc = sweep_process(tmp_path, "--jobs", "2", "--trials", "4", "-s", "lr=log:1e-3:1e-1", *TINY, "--name", "j")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
+    assert not (tmp_path / "imported-pickle").exists()
     trials = load(tmp_path / "runs" / "j", "j").trials
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert all(t.state.name == "COMPLETE" for t in trials)

@@ -329,7 +329,7 @@ class SeededSamples(Dataset):  # type: ignore[type-arg]
         python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             sample_seed = (self.seed * 1_000_003 + epoch) * 2_147_483_647 + index
-            torch.manual_seed(sample_seed % 2**63)
+            torch.default_generator.manual_seed(sample_seed % 2**63)  # (torch.manual_seed would reseed the GPUs' too)
             random.seed(sample_seed)  # (torchvision's RandomChoice, RandomOrder draw from it)
             try:
                 return self.split[index]

@@ -103,8 +103,18 @@ def run_jobs(spec: SweepSpec, jobs: int) -> int:
     context = multiprocessing.get_context("spawn")  # (a fork would copy torch's threads and locks mid-state)
     processes = [context.Process(target=_worker_main, args=(spec, index, max(1, cores // jobs)), name=f"sweep-{index}")
                  for index in range(jobs)]
-    for process in processes:
-        process.start()
+    # A spawned child starts as `python -c ...`, which puts the working directory first on sys.path
+    # until multiprocessing resets it: safe path (Python 3.11+) keeps its modules from standing in for ours.
+    saved = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONSAFEPATH", None)
+        else:
+            os.environ["PYTHONSAFEPATH"] = saved
     while True:
         try:
             for process in processes:
