@@ -80,6 +80,8 @@ class TrainState:
         """Wall time of the whole run so far: the earlier sessions' and the current one's."""
         return self.duration_seconds + self.session_seconds()
 
-    def end_session(self) -> None:
-        """The current session ends: its time joins :attr:`duration_seconds`."""
-        self.duration_seconds, self.session_started = self.run_seconds(), None
+    def end_session(self) -> float:
+        """The current session ends: its time (returned) joins :attr:`duration_seconds`."""
+        session = self.session_seconds()  # (one clock read: the session's and the run's time agree)
+        self.duration_seconds, self.session_started = self.duration_seconds + session, None
+        return session

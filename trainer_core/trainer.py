@@ -111,8 +111,7 @@ class Trainer(Checkpoints):
                 raise fault from exc
             raise
         finally:
-            session = self.state.session_seconds()
-            self.state.end_session()
+            session = self.state.end_session()
             summary = None
             if self.run_dir is not None:
                 summary = run_summary(self.state, self.config, self.task, status=status, error=error,
