@@ -106,4 +106,6 @@ def example_images(split: Split, indices: list[int]) -> torch.Tensor:
     inputs = getattr(split, "inputs", None)
     if isinstance(inputs, torch.Tensor):
         return inputs[torch.tensor(indices)]
-    return torch.stack([torch.as_tensor(split[i][0]) for i in indices])  # type: ignore[index]
+    from trainer_core import read_sample
+
+    return torch.stack([torch.as_tensor(read_sample(split, i)[0]) for i in indices])  # type: ignore[index]

@@ -140,6 +140,18 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path: Path, damage: str) -
     assert lines[0].endswith("); replace or remove it")
 
 
+def test_an_unreadable_validation_image_is_named_in_one_line_also_with_tensorboard(tmp_path: Path) -> None:
+    # tensorboard's image grid reads validation samples itself: through the same named reads.
+    write_folder(tmp_path / "data")
+    bad = tmp_path / "data" / "val" / "sneaker" / "1.png"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    for plugins in ("no:tensorboard", "tensorboard"):
+        code, output = run("--dataset", "imagefolder", "--data-root", tmp_path / "data", "-o", "dataset.image_size=8",
+                           "--model", "mlp", "--batch-size", "2", "--plugins", plugins, "-q", "--run-dir", tmp_path / f"run-{plugins}")
+        lines = output.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: cannot read {bad} ("), (plugins, output)
+
+
 def test_a_cached_folder_trains_in_a_run(tmp_path: Path) -> None:
     write_folder(tmp_path / "data", per_class=4)
     code, output = run("--dataset", "imagefolder", "--data-root", tmp_path / "data", "-o", "dataset.image_size=16",

@@ -42,6 +42,7 @@ _LAZY = {
     "Task": "trainer_core.task",
     "metric_mode": "trainer_core.task",
     "held_targets": "trainer_core.data",
+    "read_sample": "trainer_core.data",
     "TrainState": "trainer_core.state",
     "RunConfig": "trainer_core.config",
     "DataBundle": "trainer_core.data",
@@ -79,7 +80,7 @@ if TYPE_CHECKING:
     from trainer_core.files import atomic_write_bytes
     from trainer_core.metrics import check_monitor, metric_keys, resolve_monitor
     from trainer_core.config import RunConfig
-    from trainer_core.data import DataBundle, TensorSplit, held_targets
+    from trainer_core.data import DataBundle, TensorSplit, held_targets, read_sample
     from trainer_core.runner import build_run
     from trainer_core.state import TrainState
     from trainer_core.safetensors_file import export_info, read_safetensors, weights_source, write_safetensors

@@ -311,6 +311,12 @@ class ReadErrorsNamed(Dataset):  # type: ignore[type-arg]
             raise UnreadableSample(f"cannot read {where} ({detail}); replace or remove it") from None
 
 
+def read_sample(split: Dataset, index: int) -> object:  # type: ignore[type-arg]
+    """Sample ``index`` of ``split`` as a run reads it: a file that cannot be read
+    (a damaged image) is a one-line :class:`~trainer_core.UsageError` naming it."""
+    return ReadErrorsNamed(split)[index]
+
+
 class SeededSamples(Dataset):  # type: ignore[type-arg]
     """``split`` read by ``(index, epoch)`` keys, each sample under a random state
     of its own, drawn from the run's seed, the epoch and its index: augmentation
