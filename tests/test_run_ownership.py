@@ -358,7 +358,7 @@ REFUSED = {
     "no-loss-totals": (damage_checkpoint(lambda p: p.pop("epoch_totals")), (), "cannot be resumed: it has no 'epoch_totals'"),
     "random-state": (damage_checkpoint(_break_rng), (), "cannot be resumed: its 'rng' is not the random states a run saves"),
     "model-not-tensors": (damage_checkpoint(lambda p: p.update(model={"w": [1, 2]})), (),
-                          "cannot be resumed: its 'model' holds list under 'w', not a tensor"),
+                          "is damaged: its 'model' holds list under 'w', not a tensor"),
     "metrics-null-step": (metrics_line(b'{"step": null}'), (), "metrics.jsonl line 1 has no whole step number"),
     "metrics-not-utf8": (metrics_line(b"\xff\xfe"), (), "metrics.jsonl line 1 is not UTF-8 text"),
     "metrics-not-json": (metrics_line(b"{oops"), (), "metrics.jsonl line 1 is not JSON"),
