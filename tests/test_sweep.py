@@ -114,6 +114,11 @@ def test_a_resumed_sweep_must_search_what_it_searched(tmp_path: Path) -> None:
                          cwd=tmp_path)
     assert code == 2 and "is a sweep with other settings (epochs: 1, here 2)" in err and err.count("\n") == 1
     assert len(load(tmp_path / "runs" / "s", "s").trials) == 1
+    # A new study in that folder would number its trials from 0 again, into the first study's folders.
+    code, out, err = cli("sweep", "--trials", "1", "-s", "lr=log:1e-3:1e-2", *TINY, "--epochs", "2", "--name", "s",
+                         "--study", "other", cwd=tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "holds the trials of another study" in err and "give another --name" in err
+    assert len(load(tmp_path / "runs" / "s", "s").trials) == 1
 
 
 # -- sweeps that run --------------------------------------------------------------

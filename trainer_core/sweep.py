@@ -133,6 +133,10 @@ def open_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
     pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=startup),
               "halving": optuna.pruners.SuccessiveHalvingPruner, "none": optuna.pruners.NopPruner}[spec.pruner]()
     direction = "minimize" if spec.resolved["mode"] == "min" else "maximize"
+    known = {summary.study_name for summary in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if spec.study not in known and any(Path(spec.folder).glob("trial-*")):  # (trial folders are numbered per study)
+        raise UsageError(f"sweep folder {spec.folder} holds the trials of another study, and study '{spec.study}' is new: "
+                         "a new study needs a sweep folder of its own; give another --name")
     study = optuna.create_study(storage=storage, study_name=spec.study, load_if_exists=True, pruner=pruner,
                                 direction=direction,
                                 sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed))
@@ -142,14 +146,14 @@ def open_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
               "base": {k: v for k, v in base.to_toml().items() if k not in PER_MACHINE}}
     if study.direction.name.lower() != direction:  # (a study made by other means)
         raise UsageError(f"study '{spec.study}' in {spec.storage} is set to {study.direction.name.lower()} its objective, "
-                         f"this sweep to {direction} {spec.resolved['metric']}; give --mode, or another --study")
+                         f"this sweep to {direction} {spec.resolved['metric']}; give --mode, or another --name for a new sweep")
     saved = study.user_attrs.get(SWEEP_ATTR)
     if saved is None:
         study.set_user_attr(SWEEP_ATTR, wanted)
     elif saved != wanted:
         raise UsageError(f"study '{spec.study}' in {spec.storage} is a sweep with other settings "
                          f"({_differences(saved, wanted)}); a sweep resumes with the command that started it, "
-                         "or give another --study or --name for a new sweep")
+                         "or give another --name for a new sweep")
     return study
 
 
