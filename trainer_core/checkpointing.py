@@ -96,6 +96,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError(f"checkpoint {path} is damaged or not a checkpoint: {reason}") from None
     if not isinstance(payload, dict):
         raise UsageError(f"checkpoint {path} does not hold a checkpoint (found {type(payload).__name__})")
+    if "format" in payload:  # ours (a plain state dict is tensors by name): the parts every reader takes as tables
+        for key in ("state", "config", "task", "plugins", "optimizer", "stepper"):
+            if payload.get(key) is not None and not isinstance(payload[key], Mapping):
+                raise UsageError(f"checkpoint {path} is damaged: its '{key}' is {type(payload[key]).__name__}, not a table")
     weights = payload.get("model")
     if isinstance(weights, Mapping):  # ours: the weights by name (a plain state dict may name a tensor "model")
         bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]

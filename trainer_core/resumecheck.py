@@ -95,7 +95,7 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or not all(isinstance(s, Mapping) for s in state.values()) or not isinstance(
                 groups, list) or not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
             raise _Refused("its 'optimizer' is not an optimizer's state (state and param_groups)")
-        _check_settings(groups, (payload.get("config") or {}).get("optimizer"))
+        _check_optimizer(groups, state, (payload.get("config") or {}).get("optimizer"))
     plugins = part("plugins", Mapping, required=False)
     if plugins is not None and not all(isinstance(name, str) for name in plugins):
         raise _Refused("its 'plugins' is not keyed by plugin names")
@@ -132,8 +132,11 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
         _check_random_state(rank_state, f"rank_rng[{i}]")
 
 
-def _check_settings(groups: list[Mapping[str, Any]], name: object) -> None:
-    """Each parameter group holds the settings its optimizer's groups hold, numbers where they are numbers."""
+def _check_optimizer(groups: list[Mapping[str, Any]], state: Mapping[Any, Mapping[str, Any]], name: object) -> None:
+    """Each parameter group holds the settings its optimizer's groups hold (numbers where they
+    are numbers), and each parameter's state what one step of that optimizer leaves (tensors
+    where they are tensors): torch's ``load_state_dict`` takes both unchecked, and the first
+    step would trip over a missing one."""
     import torch
 
     from trainer_core.config import RunConfig
@@ -143,15 +146,25 @@ def _check_settings(groups: list[Mapping[str, Any]], name: object) -> None:
     factory = OPTIMIZERS.get(name if isinstance(name, str) else config.optimizer)
     if factory is None:
         return  # (another optimizer is refused by check_same_optimizer, naming it)
-    reference = factory([torch.zeros(1, requires_grad=True)], config).param_groups[0]
+    parameter = torch.zeros(1, requires_grad=True)
+    optimizer = factory([parameter], config)
+    parameter.grad = torch.ones(1)
+    optimizer.step()
+    group_reference, state_reference = optimizer.param_groups[0], optimizer.state[parameter]
     for index, group in enumerate(groups):
-        for key, value in reference.items():
+        for key, value in group_reference.items():
             if key == "params":
                 continue
             if key not in group:
                 raise _Refused(f"its optimizer's parameter group {index} has no '{key}'")
             if _number(value) and not (_number(group[key]) or isinstance(group[key], torch.Tensor)):
                 raise _Refused(f"its optimizer's '{key}' in parameter group {index} is {_kind(group[key])}, not a number")
+    for index, entries in state.items():
+        for key, value in state_reference.items():
+            if key not in entries:
+                raise _Refused(f"its optimizer's state of parameter {index!r} has no '{key}'")
+            if isinstance(value, torch.Tensor) and not isinstance(entries[key], torch.Tensor):
+                raise _Refused(f"its optimizer's '{key}' of parameter {index!r} is {_kind(entries[key])}, not a tensor")
 
 
 def _check_random_state(state: Any, where: str) -> None:
