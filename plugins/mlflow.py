@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from trainer_core import UsageError, hookimpl, rank_zero_only
+from trainer_core import UsageError, flat_settings, hookimpl, rank_zero_only
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -155,7 +155,7 @@ class MLflow:
         from mlflow.entities import Param
 
         assert self.client is not None and self.run_id is not None
-        params = {_UNSAFE_KEY.sub("_", key): str(value)[:_PARAM_LENGTH] for key, value in _flatten(trainer.config.to_toml())}
+        params = {_UNSAFE_KEY.sub("_", key): str(value)[:_PARAM_LENGTH] for key, value in flat_settings(trainer.config.to_toml())}
         changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
         if changed:
             log.warning("mlflow: the resumed run keeps its first value of %s (MLflow params cannot change)", ", ".join(changed))
@@ -286,17 +286,6 @@ def _best_checkpoint(trainer: Trainer, summary: Mapping[str, Any] | None) -> Pat
     if len(found) > 1:
         log.warning("mlflow: %d best checkpoints and none named best; no weights logged", len(found))
     return found[0] if len(found) == 1 and found[0].is_file() else None
-
-
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """``a.b.c = value`` pairs of a nested mapping (the config's tables)."""
-    pairs: list[tuple[str, Any]] = []
-    for key, value in mapping.items():
-        if isinstance(value, Mapping):
-            pairs.extend(_flatten(value, f"{prefix}{key}."))
-        else:
-            pairs.append((f"{prefix}{key}", value))
-    return pairs
 
 
 def _first_line(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from trainer_core import UsageError, hookimpl, metric_keys, unused_hooks
+from trainer_core import UsageError, flat_settings, hookimpl, metric_keys, unused_hooks
 from trainer_core_plugins.tensorboard_pictures import confusion_picture, example_images, example_indices
 
 if TYPE_CHECKING:
@@ -488,7 +488,7 @@ def _hparam_values(trainer: Trainer) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in config.to_toml().items():
         if isinstance(value, Mapping):
-            for inner, item in _flatten(value):
+            for inner, item in flat_settings(value):
                 flat[f"{key}.{inner}"] = item
         else:
             flat[key] = value
@@ -512,14 +512,3 @@ def _compared_first(experiment: Any, values: Mapping[str, Any]) -> Any:
         info.differs = any(info.name == c or info.name.startswith(c) and c.endswith(".") for c in COMPARED)
     value.metadata.plugin_data.content = data.SerializeToString()
     return experiment
-
-
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    pairs: list[tuple[str, Any]] = []
-    for key, value in mapping.items():
-        if isinstance(value, Mapping):
-            pairs.extend(_flatten(value, f"{prefix}{key}."))
-        else:
-            pairs.append((f"{prefix}{key}", value))
-    return pairs
-

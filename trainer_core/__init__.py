@@ -43,6 +43,7 @@ _LAZY = {
     "metric_mode": "trainer_core.task",
     "held_targets": "trainer_core.data",
     "read_sample": "trainer_core.data",
+    "flat_settings": "trainer_core.config",
     "TrainState": "trainer_core.state",
     "RunConfig": "trainer_core.config",
     "DataBundle": "trainer_core.data",
@@ -79,7 +80,7 @@ if TYPE_CHECKING:
                                             load_checkpoint, load_weights, newest_checkpoint, remove_checkpoint, save_checkpoint)
     from trainer_core.files import atomic_write_bytes
     from trainer_core.metrics import check_monitor, metric_keys, resolve_monitor
-    from trainer_core.config import RunConfig
+    from trainer_core.config import RunConfig, flat_settings
     from trainer_core.data import DataBundle, TensorSplit, held_targets, read_sample
     from trainer_core.runner import build_run
     from trainer_core.state import TrainState

@@ -291,3 +291,15 @@ def resolve_config(
     apply_plugin_list(config, plugins)
     apply_option_overrides(config, overrides)
     return config.validate()
+
+
+def flat_settings(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``("a.b.c", value)`` pairs of a nested mapping (a config's tables, as
+    :meth:`RunConfig.to_toml` gives them), for trackers that take flat names."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            pairs.extend(flat_settings(value, f"{prefix}{key}."))
+        else:
+            pairs.append((f"{prefix}{key}", value))
+    return pairs
