@@ -100,3 +100,17 @@ def test_imagenet_weights_expect_imagenet_normalisation(tmp_path: Path, monkeypa
     imagenet = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert imagenet.matches(Normalization((sum(imagenet.mean) / 3,), (sum(imagenet.std) / 3,)))
     assert not imagenet.matches(Normalization()) and not imagenet.matches(Normalization((0.5,), (0.5,)))
+
+
+def test_published_weights_without_batch_norm_counters_load_strictly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many ImageNet files leave out num_batches_tracked (a step counter, not a learned weight).
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    weights = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(weights, tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    small = ["-o", "dataset.channels=3", "-o", "dataset.image_size=32", "-o", "dataset.train_size=8", "-o", "dataset.val_size=4"]
+    code, output = run("--model", "resnet18", "-o", "model.weights=imagenet", "--dataset", "fake", *small,
+                       "--run-dir", str(tmp_path / "run"))
+    assert code == 0, output

@@ -228,5 +228,7 @@ def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> li
         sample = ", ".join(skipped[:3])
         raise UsageError(f"no weights in {where} fit this model (first keys: {sample}); was it saved from another model?")
     model.load_state_dict(usable, strict=False)
-    record_loaded(model, LoadedWeights(where, [k for k in own if k not in usable], sorted(adapted), normalization))
+    # Batch norm's step counters are no learned weights: many published files leave them out.
+    unloaded = [k for k in own if k not in usable and not k.endswith(".num_batches_tracked")]
+    record_loaded(model, LoadedWeights(where, unloaded, sorted(adapted), normalization))
     return skipped
