@@ -114,3 +114,15 @@ def test_published_weights_without_batch_norm_counters_load_strictly(tmp_path: P
     code, output = run("--model", "resnet18", "-o", "model.weights=imagenet", "--dataset", "fake", *small,
                        "--run-dir", str(tmp_path / "run"))
     assert code == 0, output
+
+
+def test_weights_from_a_run_folder_are_its_best_as_trainer_eval_takes_them(tmp_path: Path) -> None:
+    # Every epoch's best kept (save_top_k=-1): the folder holds several best-*.pt and its summary names one.
+    folder = tmp_path / "pretrain"
+    code, output = run("--model", "smallcnn", "--dataset", "digits", "--epochs", "3", "-o", "checkpoint.save_top_k=-1",
+                       "-o", "checkpoint.monitor=val/loss", "--run-dir", str(folder))
+    assert code == 0, output
+    assert len(list((folder / "checkpoints").glob("best-*.pt"))) > 1
+    code, output = run("--model", "smallcnn", "--dataset", "digits", "-o", f"model.weights={folder}",
+                       "--run-dir", str(tmp_path / "fine-tune"))
+    assert code == 0, output

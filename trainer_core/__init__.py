@@ -43,6 +43,7 @@ _LAZY = {
     "metric_mode": "trainer_core.task",
     "held_targets": "trainer_core.data",
     "read_sample": "trainer_core.data",
+    "named_best_checkpoint": "trainer_core.checkpointing",
     "flat_settings": "trainer_core.config",
     "TrainState": "trainer_core.state",
     "RunConfig": "trainer_core.config",
@@ -77,7 +78,8 @@ __all__ = ["PluginError", "TrainerError", "UsageError", "hookimpl", "hookspec", 
 
 if TYPE_CHECKING:
     from trainer_core.checkpointing import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, checkpoint_weights, find_checkpoint,
-                                            load_checkpoint, load_weights, newest_checkpoint, remove_checkpoint, save_checkpoint)
+                                            load_checkpoint, load_weights, named_best_checkpoint, newest_checkpoint, remove_checkpoint,
+                                            save_checkpoint)
     from trainer_core.files import atomic_write_bytes
     from trainer_core.metrics import check_monitor, metric_keys, resolve_monitor
     from trainer_core.config import RunConfig, flat_settings

@@ -147,6 +147,24 @@ def archive_damage(path: Path) -> str | None:
     return f"record {bad} fails its checksum" if bad is not None else None
 
 
+def named_best_checkpoint(run: Path) -> Path | None:
+    """The best checkpoint that run folder ``run``'s ``summary.json`` names (what the
+    checkpoint plugin kept as best), if it is a file in that folder (what a file says
+    never leads elsewhere); ``None`` otherwise."""
+    import json
+
+    from trainer_core.rundir import SUMMARY
+
+    try:
+        named = json.loads((run / SUMMARY).read_text(encoding="utf-8")).get("checkpoints", {}).get("best")
+    except (OSError, ValueError, AttributeError):  # no summary (a run killed or still running), or not ours
+        return None
+    if not isinstance(named, str) or not named:
+        return None
+    path, folder = (run / named).resolve(), run.resolve()
+    return run / named if path.is_relative_to(folder) and path != folder and path.is_file() else None
+
+
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint file as given, or the newest complete one in a run folder
     (or in its ``checkpoints`` folder)."""

@@ -56,14 +56,14 @@ def resolve_checkpoint(path: Path, which: str | None = None) -> tuple[Path, str 
     its only ``checkpoints/best-*.pt``; ``last`` is its newest checkpoint.  A folder with
     no best checkpoint (``checkpoint.save_top_k=0``) gives its newest, saying so.
     """
-    from trainer_core.checkpointing import CHECKPOINT_FOLDER, find_checkpoint
+    from trainer_core.checkpointing import CHECKPOINT_FOLDER, find_checkpoint, named_best_checkpoint
 
     if not path.is_dir():
         if which is not None:
             raise UsageError(f"--which chooses a checkpoint of a run folder; {path} is a file: leave --which out")
         return path, None  # load_checkpoint says clearly when it is missing
     if which != "last":
-        named = _named_best(path)
+        named = named_best_checkpoint(path)
         if named is not None:
             return named, "the run's best checkpoint, as its summary.json names it"
         best = sorted(p for p in (path / CHECKPOINT_FOLDER).glob("best-*.pt") if p.is_file())
@@ -80,23 +80,6 @@ def resolve_checkpoint(path: Path, which: str | None = None) -> tuple[Path, str 
             "trained with the checkpoint plugin (on by default)"
         ) from None
     return newest, "the run's last checkpoint" + ("" if which == "last" else " (it kept no best checkpoint)")
-
-
-def _named_best(run: Path) -> Path | None:
-    """The best checkpoint the run folder's ``summary.json`` names, if it is a file
-    in that folder (what a file says never leads elsewhere)."""
-    import json
-
-    from trainer_core.rundir import SUMMARY
-
-    try:
-        named = json.loads((run / SUMMARY).read_text(encoding="utf-8")).get("checkpoints", {}).get("best")
-    except (OSError, ValueError, AttributeError):  # no summary (a run killed or still running), or not ours
-        return None
-    if not isinstance(named, str) or not named:
-        return None
-    path, folder = (run / named).resolve(), run.resolve()
-    return run / named if path.is_relative_to(folder) and path != folder and path.is_file() else None
 
 
 def load_trained(path: Path, dataset: str | None = None, data_root: str | None = None, which: str | None = None) -> Trained:

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from trainer_core import CHECKPOINT_FOLDER, UsageError, find_checkpoint, load_weights, loaded_weights, weights_source
+from trainer_core import (CHECKPOINT_FOLDER, UsageError, find_checkpoint, load_weights, loaded_weights, named_best_checkpoint,
+                          weights_source)
 
 log = logging.getLogger("trainer_core")
 
@@ -18,10 +19,14 @@ HEAD_NAMES = ("fc", "classifier", "head")
 
 
 def weights_file(path: Path) -> Path:
-    """A file as given; for a run folder, its best checkpoint (``checkpoints/best-*.pt``,
-    which the checkpoint plugin writes) when there is exactly one, else its newest checkpoint."""
+    """A file as given; for a run folder, its best checkpoint (the one its ``summary.json``
+    names, else its only ``checkpoints/best-*.pt``, as ``trainer eval`` takes it), else its
+    newest checkpoint."""
     if not path.is_dir():
         return path
+    named = named_best_checkpoint(path)
+    if named is not None:
+        return named
     best = sorted((path / CHECKPOINT_FOLDER).glob("best-*.pt"))
     if len(best) > 1:
         raise UsageError(f"run folder {path} holds {len(best)} best checkpoints ({', '.join(p.name for p in best)}); "
