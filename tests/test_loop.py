@@ -212,3 +212,11 @@ def test_evaluating_mid_epoch_keeps_training_modes():
 
     run_tiny({"early": EvaluateEarly()}, epochs=1)
     assert seen[1:] == [(1, True, False), (2, True, False)]
+
+
+def test_a_stop_s_status_is_one_summary_json_knows() -> None:
+    trainer = run_tiny(fit=False)
+    with pytest.raises(ValueError, match="a stop's status is 'stopped' or 'pruned'"):
+        trainer.request_stop("why", status="done")
+    trainer.request_stop("a sweep's pruner", status="pruned")
+    assert trainer.stop_status == "pruned" and trainer.state.should_stop

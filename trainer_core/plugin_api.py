@@ -103,7 +103,7 @@ class PluginAPI:
         else:
             self.checkpoint_files[role] = where.relative_to(run).as_posix()
 
-    def request_stop(self, reason: str, *, status: str = "stopped") -> None:
+    def request_stop(self, reason: str, *, status: Literal["stopped", "pruned"] = "stopped") -> None:
         """Ask the loop to stop after the current step (or at the end of the current epoch's
         evaluation).  In a run of several processes every rank stops at the same step: the
         request takes effect at the next training-loss log or epoch end, whichever rank asked.
@@ -111,6 +111,8 @@ class PluginAPI:
         :param reason: why, in words (``summary.json``'s ``stop_reason``).
         :param status: what ``summary.json``'s ``status`` says when this request ends the run:
             ``stopped``, or ``pruned`` for a sweep's trial stopped as hopeless (``trainer sweep``)."""
+        if status not in ("stopped", "pruned"):
+            raise ValueError(f"request_stop(status={status!r}): a stop's status is 'stopped' or 'pruned'")
         self.stop_status = status
         self.strategy.request_stop(self.state, reason)
 
