@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from trainer_core import PluginError, UsageError, hookimpl
+from trainer_core import PluginError, TrainerError, UsageError, hookimpl
 from trainer_core.testing import HookRecorder, run_tiny
 
 
@@ -241,6 +241,12 @@ def test_hook_on_run_end(tmp_path):
     without = []
     run_tiny({"p": probe("on_run_end", lambda status, summary: without.append((status, summary)))})
     assert without == [("completed", None)]  # no run folder, no summary
+    # A summary.json that cannot be written (here a folder in its place): the run fails, and still ends its trackers.
+    ended = []
+    block = probe("on_fit_end", lambda trainer: (trainer.run_path / "summary.json").mkdir())
+    with pytest.raises(TrainerError, match=r"cannot write .*summary.json"):
+        run_tiny({"block": block, "p": probe("on_run_end", lambda status: ended.append(status))}, run_dir=tmp_path / "blocked")
+    assert ended == ["completed"]
 
 
 class Counter:

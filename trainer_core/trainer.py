@@ -113,14 +113,17 @@ class Trainer(Checkpoints):
         finally:
             session = self.state.end_session()
             summary = None
-            if self.run_dir is not None:
-                summary = run_summary(self.state, self.config, self.task, status=status, error=error,
-                                      session_duration=session, device=self.device, processes=self.world_size,
-                                      skipped_steps=self.stepper.skipped if self.stepper else 0,
-                                      checkpoints=self.checkpoint_files) if self.is_main else None
-                self.run_dir.finish(summary, failed=error is not None, discard=refused)
-            # Last, on every path: trackers report the outcome and copy summary.json (guarded: never raises).
-            call_each_guarded(self.pm, "on_run_end", trainer=self, status=status, summary=summary)
+            try:
+                if self.run_dir is not None:
+                    summary = run_summary(self.state, self.config, self.task, status=status, error=error,
+                                          session_duration=session, device=self.device, processes=self.world_size,
+                                          skipped_steps=self.stepper.skipped if self.stepper else 0,
+                                          checkpoints=self.checkpoint_files) if self.is_main else None
+                    self.run_dir.finish(summary, failed=error is not None, discard=refused)
+            finally:
+                # Last, on every path (a summary.json that could not be written too): trackers report the
+                # outcome and copy summary.json (guarded: never raises).
+                call_each_guarded(self.pm, "on_run_end", trainer=self, status=status, summary=summary)
 
     def _fit(self) -> None:
         self._emit("on_setup", trainer=self)
