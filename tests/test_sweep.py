@@ -207,8 +207,11 @@ def second_trial_under_way(tmp_path: Path, name: str, *args: str) -> subprocess.
     (of 20: it is still running when the test stops the sweep)."""
     proc = sweep_process(tmp_path, "--trials", "3", "-s", "lr=log:1e-3:1e-1", *TINY, "--epochs", "20", "--name", name)
     metrics = tmp_path / "runs" / name / "trial-0001" / "metrics.jsonl"
-    while proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+    deadline = time.monotonic() + 600  # a sweep that hangs fails the test instead of blocking CI
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.2)
+    if time.monotonic() >= deadline:
+        proc.kill()
     assert proc.poll() is None, f"the sweep ended before its second trial was under way: {proc.communicate()}"
     return proc
 
