@@ -212,6 +212,7 @@ def second_trial_under_way(tmp_path: Path, name: str, *args: str) -> subprocess.
         time.sleep(0.2)
     if time.monotonic() >= deadline:
         proc.kill()
+        proc.wait()
     assert proc.poll() is None, f"the sweep ended before its second trial was under way: {proc.communicate()}"
     return proc
 
