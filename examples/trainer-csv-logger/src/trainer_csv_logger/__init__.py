@@ -63,6 +63,8 @@ class CsvLogger:
     def on_eval(self, trainer: Trainer, metrics: Mapping[str, float]) -> None:
         if not trainer.is_main:
             return  # one file per run, written by the main process only
+        if trainer.state.restored is not None:
+            return  # the kept best weights evaluated again after training: not an epoch's row
         wanted = self.columns or [k for k in metrics if k not in FIRST]
         missing = [name for name in wanted if name not in metrics]
         if missing:
