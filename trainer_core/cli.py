@@ -247,10 +247,11 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
             )
             # Refuse what the processes would refuse before starting them: one clear error, not N racing ones.
             wanted = {key: value for key, value in settings.items() if key != "recipe"}
-            distributed.check_config(
-                resolve_config(recipe_or_config(settings["recipe"], config_file), wanted, plugins, overrides),
-                size=launcher["nproc_per_node"] * (launcher["nnodes"] or 1),
-            )
+            from trainer_core.strategy import check_strategy
+
+            resolved = resolve_config(recipe_or_config(settings["recipe"], config_file), wanted, plugins, overrides)
+            distributed.check_config(resolved, size=launcher["nproc_per_node"] * (launcher["nnodes"] or 1))
+            check_strategy(resolved, launching=True)
             distributed.launch(torchrun, rdzv_timeout=rdzv_timeout)
             return
         distributed.check_worker_options(launcher, backend)

@@ -212,11 +212,12 @@ class DDP(Ranks):
         self._ddp = self._forward = None
 
 
-def check_strategy(config: RunConfig) -> None:
-    """Refuse a strategy this process cannot run, before anything is built."""
+def check_strategy(config: RunConfig, launching: bool = False) -> None:
+    """Refuse a strategy the run cannot use, before anything is built: in this process, or
+    (``launching``) in the processes a launcher is about to start."""
     if config.strategy != "fsdp":
         return
-    if not distributed.is_initialized():
+    if not launching and not distributed.is_initialized():
         raise UsageError("--strategy fsdp shards the model over several processes: add --nproc-per-node N")
     if config.precision == "16":
         # (Whether every rank skips the same steps when one shard's fp16 gradients overflow is not checked here.)
