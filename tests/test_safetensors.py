@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save, save_file
 
 from trainer_core import RunConfig
-from trainer_core.cli import make_cli
 from trainer_core.runner import build_run
 from trainer_core.safetensors_file import METADATA_KEY
+
+from test_commands import invoke, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +35,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert code == 0, text
     assert text.startswith(f"wrote {output} (safetensors) from {checkpoint}")
     return {"root": root, "checkpoint": checkpoint, "file": output, "trainer": trainer}
-
-
-def invoke(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(make_cli(), [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def one_line_error(code: int, output: str, *fragments: str) -> str:
-    assert code == 2, output
-    lines = output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), output
-    for fragment in fragments:
-        assert fragment in lines[0], output
-    return lines[0]
 
 
 def craft(path: Path, tensors: dict[str, torch.Tensor], info: dict | None) -> Path:
