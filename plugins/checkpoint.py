@@ -7,7 +7,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Generator, Literal, Mapping
 
 from trainer_core import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, UsageError, check_monitor, hookimpl, metric_mode,
                           remove_checkpoint, resolve_monitor, unused_hooks)
@@ -109,8 +109,10 @@ class Checkpoint:
             return
         self._save(trainer, best=score if self._ranks_among_best(score) else None)
 
-    @hookimpl(tryfirst=True)  # save the training state before any plugin swaps in other weights at the end
-    def on_fit_end(self, trainer: Trainer) -> None:
+    # A wrapper runs before every other on_fit_end: the training state is saved before any plugin
+    # swaps in other weights, and the best weights are back before reporters read the model.
+    @hookimpl(wrapper=True)
+    def on_fit_end(self, trainer: Trainer) -> Generator[None, list[None], list[None]]:
         self._remove_unrecorded()
         state = trainer.state
         # Stopped part-way (a signal, a plugin) in training or before the epoch's evaluation:
@@ -127,6 +129,7 @@ class Checkpoint:
             # What the run reports (summary.json's final metrics, class-accuracy's table, TensorBoard's
             # restored/ curves) is then the model it leaves, not the last epoch's.
             trainer.evaluate_restored(best["epoch"], best["step"], str(path))
+        return (yield)
 
     # -- saving --------------------------------------------------------------
 

@@ -22,7 +22,8 @@ class EarlyStopping:
     Its counter and best value travel in checkpoints, so a resumed run keeps
     its patience.  With ``restore_best_weights`` the model ends the run with
     the weights of its best evaluation, whether the run stopped early or ran
-    all its epochs.
+    all its epochs, and they are evaluated again: that evaluation is the run's
+    final one (``summary.json``'s ``final``; the last epoch's stays as ``last_epoch``).
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class EarlyStopping:
                 f"best {self.best:.6g} at epoch {self.best_epoch}"
             )
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # the best weights back before reporters (class-accuracy, tensorboard) read the model
     def on_fit_end(self, trainer: Trainer) -> None:
         if not self.restore_best_weights or self.best_epoch in (None, trainer.state.epoch):
             return  # nothing asked, nothing evaluated, or the final weights are the best ones
@@ -111,6 +112,10 @@ class EarlyStopping:
             return
         trainer.load_model_weights(self.best_weights)
         trainer.echo(f"early-stopping: restored the weights of epoch {self.best_epoch} ({self.monitor} {self.best:.6g})")
+        # What the run reports (summary.json's final metrics, class-accuracy's table) is then the model it leaves.
+        step = next((m["step"] for m in trainer.state.history if m.get("epoch") == self.best_epoch), None)
+        if step is not None:  # (a resumed run's history always holds it, unless its checkpoint was tampered with)
+            trainer.evaluate_restored(self.best_epoch, int(step), f"early-stopping's weights of epoch {self.best_epoch}")
 
     @hookimpl
     def plugin_state_dict(self) -> dict[str, Any]:

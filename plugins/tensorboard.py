@@ -41,7 +41,8 @@ PENDING_LOGITS = 1 << 16  # logits per batch above which training accuracy is co
 
 
 class TensorBoard:
-    """Logs the run to TensorBoard, by default in ``<run folder>/tensorboard``.
+    """Logs the run to TensorBoard, by default in the run folder itself, so that
+    ``tensorboard --logdir runs`` names each run after its folder.
 
     Scalars: ``train/loss`` (mean over each logging interval), ``lr/group<i>``,
     ``train/acc`` when asked, and every evaluation metric (``val/loss``,
@@ -69,7 +70,8 @@ class TensorBoard:
         confusion_image: bool = True,
         flush_secs: int = 30,
     ) -> None:
-        """:param log_dir: where the event files go (default ``<run folder>/tensorboard``).
+        """:param log_dir: where the event files go (default: the run folder, so TensorBoard
+            names the run after it).
         :param images: how many validation images to show (once, at the first evaluation), taken
             in turn from each class; 0 for none.
         :param graph: log the model graph (traced once on the first validation batch); the
@@ -141,9 +143,10 @@ class TensorBoard:
         self._last_update = self._histogram_step = None
         if not trainer.is_main:
             return  # other ranks only count (training accuracy, PR histograms) for rank zero
-        if self.log_dir is None and trainer.run_path is None:
+        # TensorBoard names a run after the folder its event files are in: the run folder's name.
+        path = Path(self.log_dir) if self.log_dir is not None else trainer.run_path
+        if path is None:
             raise UsageError("tensorboard has nowhere to write: this run has no run folder; set -o tensorboard.log_dir=PATH")
-        path = Path(self.log_dir) if self.log_dir is not None else trainer.run_path / "tensorboard"  # type: ignore[operator]
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

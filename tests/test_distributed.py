@@ -327,7 +327,7 @@ def test_only_rank_zero_writes(runs: dict[str, Path]) -> None:
     assert files == sorted(["config.toml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", *events,
                             *[f for f in files if f.startswith("checkpoints/best-")]])
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2
-    reader = event_accumulator.EventAccumulator(str(folder / "tensorboard"), size_guidance={event_accumulator.SCALARS: 0})
+    reader = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
     reader.Reload()
     assert [e.step for e in reader.Scalars("val/acc")] == [12, 24]
     assert [e.step for e in reader.Scalars("train/loss")] == list(range(1, 25))

@@ -225,7 +225,7 @@ def test_eval_predict_and_export_read_a_sharded_checkpoint_in_one_process(runs: 
 
 @pytest.mark.slow
 def test_tensorboard_logs_the_graph_where_it_can_and_warns_only_when_asked_for_one(runs: Path, tmp_path: Path, site: Path) -> None:
-    assert event_accumulator.EventAccumulator(str(runs / "ddp" / "tensorboard")).Reload().Graph() is not None
+    assert event_accumulator.EventAccumulator(str(runs / "ddp")).Reload().Graph() is not None
     assert "no model graph" not in (runs / "fsdp.stderr").read_text()  # the default: no graph, and no word of it
     done = launch(site, 2, [*JOB, "--strategy", "fsdp", "--epochs", "1", "--run-dir", str(tmp_path / "run"),
                             "-o", "tensorboard.graph=true"])
@@ -236,7 +236,7 @@ def test_tensorboard_logs_the_graph_where_it_can_and_warns_only_when_asked_for_o
 @pytest.mark.slow
 def test_tensorboard_histograms_show_whole_parameters_under_fsdp(runs: Path) -> None:
     def histograms(run: Path) -> dict[str, Any]:
-        reader = event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+        reader = event_accumulator.EventAccumulator(str(run), size_guidance={"histograms": 0})
         reader.Reload()
         return {tag: reader.Histograms(tag) for tag in reader.Tags()["histograms"]}
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from trainer_core_plugins.checkpoint import Checkpoint
 from trainer_core_plugins.early_stopping import EarlyStopping
 from trainer_core import RunConfig, Trainer, UsageError, load_checkpoint
 from trainer_core.cli import make_cli
@@ -139,12 +140,14 @@ def test_patience_survives_a_resume(tmp_path: Path) -> None:
     uninterrupted = run_tiny({"early-stopping": EarlyStopping(patience=3, **NEVER_IMPROVES)}, epochs=10)
     assert uninterrupted.state.epoch == 4
 
-    first = run_tiny({"early-stopping": EarlyStopping(patience=3, restore_best_weights=True, **NEVER_IMPROVES)}, epochs=2)
-    first.save_checkpoint(tmp_path / "ckpt.pt")
-    payload = load_checkpoint(tmp_path / "ckpt.pt")  # weights_only: the state is plain data and tensors
+    # Stopped after epoch 2 (its last.pt, as --resume reads it), the best weights being epoch 1's.
+    first = {"checkpoint": Checkpoint(restore_best=False),
+             "early-stopping": EarlyStopping(patience=3, restore_best_weights=True, **NEVER_IMPROVES)}
+    run_tiny(first, run_dir=tmp_path / "run", epochs=2)
+    payload = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")  # weights_only: plain data and tensors
     saved = payload["plugins"]["early-stopping"]
     assert (saved["wait"], saved["best_epoch"]) == (1, 1)
-    assert set(saved["best_weights"]) == set(first.model.state_dict())
+    assert set(saved["best_weights"]) == set(payload["model"])
 
     plugin = EarlyStopping(patience=3, restore_best_weights=True, **NEVER_IMPROVES)
     trainer = resumed(payload, plugin, epochs=10)
@@ -164,8 +167,6 @@ def test_state_for_another_metric_is_ignored_on_resume(caplog: pytest.LogCapture
 
 
 def test_restoring_twice_with_the_checkpoint_plugin_is_refused(tmp_path: Path) -> None:
-    from trainer_core_plugins.checkpoint import Checkpoint
-
     plugins = {"checkpoint": Checkpoint(), "early-stopping": EarlyStopping(restore_best_weights=True)}
     with pytest.raises(UsageError, match="keep one: -o checkpoint.restore_best=false"):
         run_tiny(plugins, run_dir=tmp_path / "run")

@@ -80,7 +80,7 @@ class Finished:
              "grads": self.snapshots},
             run_dir=self.run, log_every_n_steps=2,
         )
-        self.events = read_events(self.run / "tensorboard")
+        self.events = read_events(self.run)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_histograms_at_each_epoch_end_with_none(finished: Finished) -> None:
 def test_histogram_interval_option(tmp_path: Path, every: int, accumulate: int, steps: list[int]) -> None:
     plugin = TensorBoard(histogram_every_n_steps=every, images=0, graph=False, pr_curves=False)
     run_tiny({"tensorboard": plugin}, run_dir=tmp_path / "run", accumulate_grad_batches=accumulate)
-    reader = read_events(tmp_path / "run" / "tensorboard")
+    reader = read_events(tmp_path / "run")
     if not steps:
         assert reader.Tags()["histograms"] == []
         return
@@ -233,7 +233,7 @@ def test_histogram_interval_option(tmp_path: Path, every: int, accumulate: int, 
 
 
 def test_hparams_with_final_metrics(finished: Finished) -> None:
-    reader = plugin_event_accumulator.EventAccumulator(str(finished.run / "tensorboard"))
+    reader = plugin_event_accumulator.EventAccumulator(str(finished.run))
     reader.Reload()
     content = reader.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
@@ -258,7 +258,7 @@ def test_images_are_de_normalised(tmp_path: Path) -> None:
     )
     plugin = TensorBoard(images=5, graph=False, pr_curves=False, histogram_every_n_steps=0)
     run_tiny({"tensorboard": plugin}, data=data, run_dir=tmp_path / "run", epochs=1)
-    (grid,) = read_events(tmp_path / "run" / "tensorboard").Images("images/val_batch")
+    (grid,) = read_events(tmp_path / "run").Images("images/val_batch")
     from PIL import Image
 
     pixels = np.asarray(Image.open(io.BytesIO(grid.encoded_image_string)).convert("RGB")).astype(int)
@@ -287,7 +287,7 @@ def test_untraceable_model_warns_and_the_run_goes_on(tmp_path: Path, caplog: pyt
     warnings = [r.getMessage() for r in caplog.records if r.name == "trainer_core"]
     assert any("cannot be traced" in m and "cannot trace this" in m for m in warnings)
     assert "Error occurs" not in capsys.readouterr().out  # add_graph's own print is kept off the console
-    reader = read_events(tmp_path / "run" / "tensorboard")
+    reader = read_events(tmp_path / "run")
     assert not reader.Tags()["graph"]
     assert len(reader.Scalars("val/acc")) == 2
 
@@ -296,7 +296,7 @@ def test_graph_and_images_do_not_change_training(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
     plain = run_tiny(model=copy.deepcopy(model))
     logged = run_tiny({"tensorboard": TensorBoard()}, model=model, run_dir=tmp_path / "run")
-    assert read_events(tmp_path / "run" / "tensorboard").Tags()["graph"]
+    assert read_events(tmp_path / "run").Tags()["graph"]
     for (name, a), b in zip(plain.model.state_dict().items(), logged.model.state_dict().values()):
         assert torch.equal(a, b), name  # weights and batch-norm statistics
 
@@ -312,7 +312,7 @@ def test_only_the_main_process_writes(tmp_path: Path) -> None:
     trainer = run_tiny({"tensorboard": TensorBoard()}, run_dir=tmp_path / "run", fit=False)
     trainer.rank = 1
     trainer.fit()
-    assert not (tmp_path / "run" / "tensorboard").exists()
+    assert not list((tmp_path / "run").glob("events.out.tfevents.*"))
 
 
 def test_writer_closed_when_the_run_fails(tmp_path: Path) -> None:
@@ -325,7 +325,7 @@ def test_writer_closed_when_the_run_fails(tmp_path: Path) -> None:
     with pytest.raises(PluginError, match="boom"):
         run_tiny({"tensorboard": plugin, "boom": Boom()}, run_dir=tmp_path / "run", log_every_n_steps=1)
     assert plugin.writer is None
-    assert [step for step, _ in scalars(read_events(tmp_path / "run" / "tensorboard"), "train/loss")] == [1, 2, 3]
+    assert [step for step, _ in scalars(read_events(tmp_path / "run"), "train/loss")] == [1, 2, 3]
 
 
 def on_disk(folder: Path, tag: str, until: int = 1, timeout: float = 10.0) -> list[int]:
@@ -350,7 +350,7 @@ def test_training_scalars_reach_the_disk_mid_epoch_within_flush_secs(tmp_path: P
         @hookimpl(trylast=True)
         def on_train_log(self, trainer: Trainer) -> None:
             if trainer.state.step == 6:
-                self.seen_mid_epoch = on_disk(trainer.run_path / "tensorboard", "train/loss", until=2)
+                self.seen_mid_epoch = on_disk(trainer.run_path, "train/loss", until=2)
             elif trainer.state.step < 6:
                 time.sleep(0.6)
 
@@ -369,7 +369,7 @@ def test_a_checkpoint_never_gets_ahead_of_the_event_file(tmp_path: Path) -> None
         def on_batch_end(self, trainer: Trainer, batch_idx: int) -> None:
             if batch_idx == 6:  # mid-epoch, flush_secs far away: the save itself must write them
                 trainer.checkpoint_state()
-                self.on_disk_at_save = on_disk(trainer.run_path / "tensorboard", "train/loss", timeout=0)
+                self.on_disk_at_save = on_disk(trainer.run_path, "train/loss", timeout=0)
 
     saver = Saver()
     run_tiny({"tensorboard": TensorBoard(images=0, graph=False), "saver": saver},
@@ -381,29 +381,29 @@ def date_back(folder: Path) -> None:
     """TensorBoard reads event files in name order, and a name starts with the
     writer's start time in seconds: date the files in ``folder`` a minute back,
     as a later process would find them."""
-    for old in folder.iterdir():
+    for old in folder.glob("events.out.tfevents.*"):
         stamp, rest = old.name.removeprefix("events.out.tfevents.").split(".", 1)
         old.rename(old.with_name(f"events.out.tfevents.{int(stamp) - 60}.{rest}"))
 
 
 def test_resumed_run_replaces_the_events_after_its_checkpoint(tmp_path: Path) -> None:
     first = run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run")
-    date_back(tmp_path / "run" / "tensorboard")
+    date_back(tmp_path / "run")
     # Resume from a checkpoint taken after epoch 1 (step 3).
     checkpoint = first.checkpoint_state()
     history = checkpoint["state"]["history"][:1]
     checkpoint["state"].update(epoch=1, step=3, batch_idx=3, history=history, metrics=history[0])
-    resumed = TensorBoard(log_dir=tmp_path / "run" / "tensorboard", images=0, graph=False)
+    resumed = TensorBoard(log_dir=tmp_path / "run", images=0, graph=False)
     Trainer(first.model, first.data, first.config, plugins={"tensorboard": resumed}, resume=checkpoint).fit()
-    steps = [step for step, _ in scalars(read_events(tmp_path / "run" / "tensorboard"), "val/acc")]
+    steps = [step for step, _ in scalars(read_events(tmp_path / "run"), "val/acc")]
     assert steps == [3, 6]  # the first attempt's step-6 point was purged, not doubled
 
 
 def test_overwritten_run_replaces_the_old_curves(tmp_path: Path) -> None:
     run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run", epochs=3)
-    date_back(tmp_path / "run" / "tensorboard")
+    date_back(tmp_path / "run")
     run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run", lr=0.01)  # overwrites
-    reader = read_events(tmp_path / "run" / "tensorboard")
+    reader = read_events(tmp_path / "run")
     records = metrics_records(tmp_path / "run")
     assert scalars(reader, "val/loss") == [(r["step"], pytest.approx(r["val/loss"], rel=1e-6)) for r in records]
     assert [step for step, _ in scalars(reader, "train/loss")] == [3, 6]  # nothing left of the old run's epoch 3
@@ -442,7 +442,7 @@ def test_with_every_builtin_in_any_order(tmp_path: Path) -> None:
                                                  *options, "--run-dir", str(run)])
         assert result.exit_code == 0, result.output
         assert "per-class accuracy (epoch 2):" in result.output
-        reader = read_events(run / "tensorboard")
+        reader = read_events(run)
         assert {"val/acc/class0", "val/acc/class1", "val/acc/class2", "train/loss", "train/acc"} <= set(reader.Tags()["scalars"])
         assert {"pr/class0", "pr/class1", "pr/class2"} <= set(reader.Tags()["tensors"])
         assert reader.Tags()["graph"] and reader.Tags()["images"] and reader.Tags()["histograms"]
@@ -464,7 +464,7 @@ def free_port() -> int:
 def test_real_tensorboard_server_serves_the_run(finished: Finished) -> None:
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(finished.run / "tensorboard"),
+        [str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(finished.run.parent),
          "--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -474,10 +474,12 @@ def test_real_tensorboard_server_serves_the_run(finished: Finished) -> None:
         with urllib.request.urlopen(base + path, timeout=5) as response:
             return json.load(response)
 
+    # The logs sit in the run folder, so pointed at the runs' folder the server names the run after it.
+    name = finished.run.name
     try:
         tags: dict[str, Any] = {}
         deadline = time.monotonic() + 90
-        while "val/acc" not in tags.get(".", {}):
+        while "val/acc" not in tags.get(name, {}):
             assert server.poll() is None, server.stderr.read().decode() if server.stderr else "server exited"
             assert time.monotonic() < deadline, f"no val/acc tag from the server in 90 s; last answer {tags}"
             try:
@@ -485,15 +487,15 @@ def test_real_tensorboard_server_serves_the_run(finished: Finished) -> None:
             except (urllib.error.URLError, ConnectionError):
                 pass
             time.sleep(0.5)
-        assert {"train/loss", "train/acc", "lr/group0", "val/loss", "val/acc/class0"} <= set(tags["."])
-        points = get("/data/plugin/scalars/scalars?run=.&tag=val/acc")
+        assert {"train/loss", "train/acc", "lr/group0", "val/loss", "val/acc/class0"} <= set(tags[name])
+        points = get(f"/data/plugin/scalars/scalars?run={name}&tag=val/acc")
         records = metrics_records(finished.run)
         assert [(step, value) for _, step, value in points] == [(r["step"], pytest.approx(r["val/acc"], rel=1e-6)) for r in records]
         # Every kind of record has data the server's dashboards recognise.
         listing = get("/data/plugins_listing")
         for dashboard in ("scalars", "images", "graphs", "histograms", "distributions", "pr_curves", "hparams"):
             assert listing[dashboard]["enabled"], dashboard
-        assert {"pr/class0", "pr/class1", "pr/class2"} <= set(get("/data/plugin/pr_curves/tags")["."])
+        assert {"pr/class0", "pr/class1", "pr/class2"} <= set(get("/data/plugin/pr_curves/tags")[name])
         request = urllib.request.Request(base + "/data/plugin/hparams/experiment", data=b'{"experimentName": ""}',
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -585,7 +587,7 @@ def test_distributed_counts_are_summed_over_ranks(tmp_path: Path) -> None:
 
 def test_training_accuracy_is_opt_in(tmp_path: Path) -> None:
     run_tiny({"tensorboard": TensorBoard(images=0, graph=False)}, run_dir=tmp_path / "run", log_every_n_steps=2)
-    tags = set(read_events(tmp_path / "run" / "tensorboard").Tags()["scalars"])
+    tags = set(read_events(tmp_path / "run").Tags()["scalars"])
     assert {"train/loss", "lr/group0", "val/acc"} <= tags and "train/acc" not in tags
 
 
@@ -598,7 +600,7 @@ def test_training_accuracy_under_cuda_graphs_is_the_eager_one(tmp_path: Path) ->
     def accuracies(name: str, **settings: Any) -> list[float]:
         run_tiny({"tensorboard": TensorBoard(train_accuracy=True)}, device="cuda", epochs=3, log_every_n_steps=2,
                  run_dir=tmp_path / name, **settings)
-        return [value for _, value in scalars(read_events(tmp_path / name / "tensorboard"), "train/acc")]
+        return [value for _, value in scalars(read_events(tmp_path / name), "train/acc")]
 
     eager = accuracies("eager")
     graphed = accuracies("graphed", compile=True, compile_mode="reduce-overhead")

@@ -265,6 +265,6 @@ def test_tensorboard_training_accuracy_is_exact_across_a_mid_interval_resume(tmp
         fit(tmp_path / "run", 3, {**plugins(every_n_steps=2), **board(), "kill": Kill(5)}, log_every_n_steps=3)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["step"] == 4
     fit(tmp_path / "run", 3, {**plugins(every_n_steps=2), **board()}, resume=True, log_every_n_steps=3)
-    expected = scalars(read_events(tmp_path / "straight" / "tensorboard"), "train/acc")
+    expected = scalars(read_events(tmp_path / "straight"), "train/acc")
     assert [step for step, _ in expected] == [3, 6, 9]
-    assert scalars(read_events(tmp_path / "run" / "tensorboard"), "train/acc") == expected
+    assert scalars(read_events(tmp_path / "run"), "train/acc") == expected

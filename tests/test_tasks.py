@@ -331,7 +331,7 @@ def test_tensorboard_follows_the_task(diabetes_run: Path, tmp_path: Path) -> Non
         run = tmp_path / task
         code, output = invoke("run", *JOBS[task], *COMMON, "--epochs", "1", "--run-dir", run, "--plugins", "tensorboard")
         assert code == 0, output
-        events = event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+        events = event_accumulator.EventAccumulator(str(run), size_guidance={"tensors": 0})
         events.Reload()
         scalars, tensors = set(events.Tags()["scalars"]), set(events.Tags()["tensors"])
         assert set(load_task(task).modes) <= scalars  # every metric of the task

@@ -29,7 +29,7 @@ def test_the_image_grid_takes_every_class_in_turn_whatever_the_batch(tmp_path: P
                       input_shape=(1, 4, 4))
     run_tiny({"tensorboard": TensorBoard(images=32, graph=False, pr_curves=False)}, data=data, run_dir=tmp_path / "run",
              epochs=1, batch_size=4)
-    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
     events.Reload()
     (grid,) = events.Images("images/val_batch")
     pixels = np.asarray(Image.open(io.BytesIO(grid.encoded_image_string)).convert("L")).astype(int)
@@ -47,7 +47,7 @@ def test_the_image_grid_takes_every_class_in_turn_whatever_the_batch(tmp_path: P
 
 def hparams_of(run: Path) -> tuple[list[str], dict[str, object]]:
     """The HParams table's columns as TensorBoard's server orders them, and the run's values."""
-    reader = plugin_event_accumulator.EventAccumulator(str(run / "tensorboard"))
+    reader = plugin_event_accumulator.EventAccumulator(str(run))
     reader.Reload()
     content = reader.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment

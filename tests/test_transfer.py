@@ -126,3 +126,24 @@ def test_weights_from_a_run_folder_are_its_best_as_trainer_eval_takes_them(tmp_p
     code, output = run("--model", "smallcnn", "--dataset", "digits", "-o", f"model.weights={folder}",
                        "--run-dir", str(tmp_path / "fine-tune"))
     assert code == 0, output
+
+
+def test_exported_safetensors_carry_the_input_normalisation(digits_run: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    exported = tmp_path / "digits.safetensors"
+    result = CliRunner().invoke(make_cli(), ["export", "--checkpoint", str(digits_run), "--format", "safetensors",
+                                             "--output", str(exported)])
+    assert result.exit_code == 0, result.output
+    recorded = load_checkpoint(next((digits_run / "checkpoints").glob("best-*.pt")))["normalization"]
+    code, output = run("--model", "smallcnn", "--dataset", "fake", "-o", f"model.weights={exported}",
+                       "--run-dir", str(tmp_path / "other"))
+    assert code == 0, output
+    lines = [line for line in output.splitlines() if "were trained on inputs with" in line]
+    assert len(lines) == 1 and f"mean ({recorded['mean'][0]:.4g}) std ({recorded['std'][0]:.4g})" in lines[0]
+    # Another program's safetensors file says nothing of its inputs: nothing to compare.
+    plain = tmp_path / "plain.safetensors"
+    save_file(smallcnn.build((1, 8, 8), 10, weights=str(exported)).state_dict(), str(plain))
+    code, output = run("--model", "smallcnn", "--dataset", "fake", "-o", f"model.weights={plain}",
+                       "--run-dir", str(tmp_path / "plain"))
+    assert code == 0 and "normalisation" not in output, output

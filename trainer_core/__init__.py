@@ -64,7 +64,6 @@ _LAZY = {
     "metric_keys": "trainer_core.metrics",
     "atomic_write_bytes": "trainer_core.files",
     "did_you_mean": "trainer_core.suggest",
-    "weights_source": "trainer_core.safetensors_file",
     "read_safetensors": "trainer_core.safetensors_file",
     "write_safetensors": "trainer_core.safetensors_file",
     "export_info": "trainer_core.safetensors_file",
@@ -86,7 +85,7 @@ if TYPE_CHECKING:
     from trainer_core.data import DataBundle, TensorSplit, held_targets, read_sample
     from trainer_core.runner import build_run
     from trainer_core.state import TrainState
-    from trainer_core.safetensors_file import export_info, read_safetensors, weights_source, write_safetensors
+    from trainer_core.safetensors_file import export_info, read_safetensors, write_safetensors
     from trainer_core.suggest import did_you_mean
     from trainer_core.transfer import LoadedWeights, Normalization, loaded_weights
     from trainer_core.task import Task, metric_mode

@@ -217,7 +217,7 @@ def misfit_details(own: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Te
 
 def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> list[str]:
     """Load weights for transfer learning: from a state-dict file, one of our
-    checkpoints, or a state dict already in memory.
+    checkpoints, a safetensors file, or a state dict already in memory.
 
     Keys whose shape does not match the model (a new classifier head) or that
     the model lacks are skipped and returned; the rest are loaded.  Missing
@@ -228,10 +228,17 @@ def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> li
     """
     from trainer_core.transfer import LoadedWeights, Normalization, adapt_input_channels, record_loaded
 
+    from trainer_core.safetensors_file import is_safetensors, read_safetensors
+
     normalization = None
     if isinstance(source, Mapping):
         weights = source
         where = "the given state dict"
+    elif is_safetensors(Path(source)):  # any program's; trainer export's JSON says what inputs they were trained on
+        found = read_safetensors(Path(source))
+        weights, info = found.weights, found.info or {}
+        normalization = Normalization.read({"mean": info["mean"], "std": info["std"]}) if {"mean", "std"} <= info.keys() else None
+        where = str(source)
     else:
         payload = load_checkpoint(Path(source))
         is_ours = isinstance(payload.get("model"), Mapping) or payload.get("shards") is not None

@@ -237,9 +237,9 @@ def on_eval(trainer: Trainer, metrics: Mapping[str, float]) -> None:
     Consumers (checkpointing, loggers, schedulers on a monitored metric,
     early stopping) act here.  The same mapping is in ``trainer.state.metrics``
     and is written to ``metrics.jsonl``.  Weights a plugin restores when training
-    ends (the checkpoint plugin's best) are evaluated once more, within
-    ``on_fit_end``: ``trainer.state.restored`` then says which, and nothing is
-    written to ``metrics.jsonl`` (see ``Trainer.evaluate_restored``).
+    ends (the checkpoint plugin's best, early-stopping's with ``restore_best_weights``)
+    are evaluated once more, within ``on_fit_end``: ``trainer.state.restored`` then
+    says which, and nothing is written to ``metrics.jsonl`` (see ``Trainer.evaluate_restored``).
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :param metrics: ``epoch``, ``step``, ``train/loss``, the task's metrics
@@ -266,7 +266,11 @@ def on_fit_end(trainer: Trainer) -> None:
     """Called once when training ends normally or is stopped by a plugin, by
     Ctrl-C or by SIGTERM (``trainer.state.stop_reason`` says why).  Restore best weights, print
     reports and close writers here.  Not called when an exception escapes;
-    see :func:`on_exception`.
+    see :func:`on_exception`.  A plugin that restores weights does it first
+    (``@hookimpl(tryfirst=True)``) and calls ``Trainer.evaluate_restored``, so
+    reporters see the model the run leaves; the checkpoint plugin's ``on_fit_end``
+    is a wrapper (``@hookimpl(wrapper=True)``): it saves the trained state and
+    restores its best weights before any other plugin's runs.
 
     :param trainer: the running :class:`~trainer_core.Trainer`.
     :return: ignored.

@@ -123,12 +123,6 @@ def read_safetensors(path: Path) -> SafetensorsFile:
     return SafetensorsFile(weights, info)
 
 
-def weights_source(path: Path) -> Path | dict[str, torch.Tensor]:
-    """What :func:`~trainer_core.load_weights` takes for ``path``: the tensors of a
-    safetensors file (any program's), the path itself for anything else."""
-    return read_safetensors(path).weights if is_safetensors(path) else path
-
-
 def _data(raw: bytes) -> bytes:
     """The tensor data of a safetensors file's bytes (everything after the header)."""
     return raw[8 + int.from_bytes(raw[:8], "little"):]

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from trainer_core import (CHECKPOINT_FOLDER, UsageError, find_checkpoint, load_weights, loaded_weights, named_best_checkpoint,
-                          weights_source)
+from trainer_core import (CHECKPOINT_FOLDER, UsageError, find_checkpoint, load_weights, loaded_weights,
+                          named_best_checkpoint)
 
 log = logging.getLogger("trainer_core")
 
@@ -46,7 +46,7 @@ def load_into(model: nn.Module, source: str | Path | Mapping[str, Any], origin: 
         where = origin or "the given state dict"
     else:
         path = weights_file(Path(source))
-        skipped = load_weights(model, weights_source(path))
+        skipped = load_weights(model, path)
         where = origin or str(path)
     record = loaded_weights(model)
     unloaded = record.unloaded if record is not None else []
