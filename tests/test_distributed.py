@@ -24,7 +24,8 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from trainer_core.cli import LAUNCHER_OPTIONS, make_cli, worker_args
 from trainer_core.data import Batches, TensorSplit, epoch_order
-from trainer_core.distributed import is_rank_zero_only, rank_zero_only, shard_bounds, torchrun_args
+from trainer_core.distributed import is_rank_zero_only, rank_zero_only, shard_bounds
+from trainer_core.launcher import torchrun_args
 from trainer_core.errors import UsageError
 from trainer_core.testing import run_tiny, write_fake_distribution
 
@@ -321,7 +322,7 @@ def test_two_processes_follow_the_loss_curve_of_one(runs: dict[str, Path]) -> No
 def test_only_rank_zero_writes(runs: dict[str, Path]) -> None:
     folder = runs["root"] / "two"
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    events = [f for f in files if f.startswith("tensorboard/")]
+    events = [f for f in files if f.startswith("events.out.tfevents.")]
     assert len(events) == 1, files
     assert len([f for f in files if f.startswith("checkpoints/best-")]) == 2
     assert files == sorted(["config.toml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", *events,
@@ -668,7 +669,7 @@ def test_each_rank_names_itself_and_the_launcher_reports_the_rank_that_failed_fi
     from torch.distributed import DistBackendError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from trainer_core.distributed import record_error, worker_failure, worker_label, worker_message
+    from trainer_core.launcher import record_error, worker_failure, worker_label, worker_message
 
     assert worker_label() == "" and worker_message("x", DistBackendError("gone")) == "x"  # not under torchrun
     monkeypatch.setenv("WORLD_SIZE", "3")

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from trainer_core.distributed import torchrun_args
+from trainer_core.launcher import torchrun_args
 from trainer_core.errors import UsageError
 
 TIMEOUT_S = 120  # a run that hangs fails the test instead of blocking CI

@@ -229,6 +229,7 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         from trainer_core import distributed
         from trainer_core.checkpointing import find_checkpoint, load_checkpoint
         from trainer_core.config import resolve_config
+        from trainer_core.launcher import DEFAULT_RDZV_TIMEOUT_S, check_worker_options, launch, torchrun_args
         from trainer_core.resumecheck import check_resumable, check_same_optimizer, run_folder_of, same_folder
         from trainer_core.runner import build_run, run_path_for
 
@@ -239,8 +240,8 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
         backend = settings.pop("backend")
         if launcher["nproc_per_node"] is not None:
             ctx = click.get_current_context()
-            rdzv_timeout = distributed.DEFAULT_RDZV_TIMEOUT_S if launcher["rdzv_timeout"] is None else launcher["rdzv_timeout"]
-            torchrun = distributed.torchrun_args(
+            rdzv_timeout = DEFAULT_RDZV_TIMEOUT_S if launcher["rdzv_timeout"] is None else launcher["rdzv_timeout"]
+            torchrun = torchrun_args(
                 launcher["nproc_per_node"], worker_args(ctx, LAUNCHER_OPTIONS), nnodes=launcher["nnodes"] or 1,
                 node_rank=launcher["node_rank"], rdzv_endpoint=launcher["rdzv_endpoint"],
                 rdzv_timeout=rdzv_timeout,
@@ -252,9 +253,9 @@ def make_cli(pm_factory: Callable[[], pluggy.PluginManager] = make_plugin_manage
             resolved = resolve_config(recipe_or_config(settings["recipe"], config_file), wanted, plugins, overrides)
             distributed.check_config(resolved, size=launcher["nproc_per_node"] * (launcher["nnodes"] or 1))
             check_strategy(resolved, launching=True)
-            distributed.launch(torchrun, rdzv_timeout=rdzv_timeout)
+            launch(torchrun, rdzv_timeout=rdzv_timeout)
             return
-        distributed.check_worker_options(launcher, backend)
+        check_worker_options(launcher, backend)
 
         config_file = recipe_or_config(settings.pop("recipe"), config_file)
         resume, run_path, checkpoint, restart = None, None, None, False

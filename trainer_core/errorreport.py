@@ -74,7 +74,7 @@ def closed_output_exits() -> Iterator[None]:
 def echo_error(message: str, exc: BaseException) -> None:
     """Print ``error: message`` on stderr, on one line.  In one process of a distributed
     run, name its rank and leave the message for torchrun's failure report."""
-    from trainer_core.distributed import record_error, worker_label, worker_message
+    from trainer_core.launcher import record_error, worker_label, worker_message
 
     # A value quoted from a file (a tensor's text, a string holding line breaks) may span lines.
     message = worker_message(" ".join(message.split()) if "\n" in message or "\r" in message else message, exc)
