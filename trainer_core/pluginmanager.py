@@ -159,8 +159,9 @@ def direct_caller(pm: pluggy.PluginManager, hook: str) -> Callable[..., None] | 
 def blame_plugin(pm: pluggy.PluginManager, exc: BaseException) -> PluginError | None:
     """The error naming the plugin and hook whose code raised ``exc``, or ``None``
     when no plugin is to blame (the core's own errors, a Ctrl-C that lands in
-    whatever code runs, a plugin's included)."""
-    if not isinstance(exc, Exception) or isinstance(exc, TrainerError):
+    whatever code runs, a plugin's included, or the reader of our output gone:
+    ``trainer run | head`` stops as Unix tools do, whoever printed)."""
+    if not isinstance(exc, Exception) or isinstance(exc, (TrainerError, BrokenPipeError)):
         return None
     fault = locate_fault(pm, exc.__traceback__)
     return PluginError(f"plugin '{fault[0]}' failed in {fault[1]}: {type(exc).__name__}: {exc}") if fault else None
