@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator, Literal, Mapping
 
-from trainer_core import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, UsageError, check_monitor, hookimpl, metric_mode,
-                          remove_checkpoint, resolve_monitor, unused_hooks)
+from trainer_core import (CHECKPOINT_FOLDER, LAST_CHECKPOINT, UsageError, check_monitor, check_saved_state, hookimpl,
+                          metric_mode, remove_checkpoint, resolve_monitor, unused_hooks)
 
 if TYPE_CHECKING:
     from trainer_core import Trainer
@@ -188,6 +188,7 @@ class Checkpoint:
 
     @hookimpl
     def load_plugin_state(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        check_saved_state(state, monitor=str, mode=str, kept=list)
         self._saved_step = trainer.state.step
         if (state["monitor"], state["mode"]) != (self.monitor, self.mode):
             log.warning(

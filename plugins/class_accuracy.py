@@ -11,7 +11,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, Mapping, TextIO
 
-from trainer_core import UsageError, atomic_write_bytes, hookimpl, metric_keys
+from trainer_core import UsageError, atomic_write_bytes, check_saved_state, hookimpl, metric_keys
 
 if TYPE_CHECKING:
     import torch
@@ -143,6 +143,9 @@ class ClassAccuracy:
 
     @hookimpl
     def load_plugin_state(self, state: dict[str, Any]) -> None:
+        import torch
+
+        check_saved_state(state, confusion=torch.Tensor, evaluated_at=dict)
         confusion = state["confusion"]
         if tuple(confusion.shape) != (len(self._classes), len(self._classes)):
             raise UsageError(

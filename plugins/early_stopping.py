@@ -6,7 +6,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from trainer_core import UsageError, check_monitor, hookimpl, metric_mode, resolve_monitor
+from trainer_core import UsageError, check_monitor, check_saved_state, hookimpl, metric_mode, resolve_monitor
 
 if TYPE_CHECKING:
     import torch
@@ -132,6 +132,9 @@ class EarlyStopping:
 
     @hookimpl
     def load_plugin_state(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        import torch
+
+        check_saved_state(state, monitor=str, mode=str, best=(float, None), best_epoch=(int, None), wait=int)
         if (state["monitor"], state["mode"]) != (self.monitor, self.mode):
             # A different metric or direction makes the saved best meaningless: start afresh.
             log.warning(
@@ -139,9 +142,16 @@ class EarlyStopping:
                 state["monitor"], state["mode"], self.monitor, self.mode,
             )
             return
+        weights = state.get("best_weights")
+        model = trainer.model.state_dict()
+        # Loaded when the run ends: weights that do not fit would fail only then.
+        if self.restore_best_weights and weights is not None and not (
+                isinstance(weights, dict) and weights.keys() == model.keys()
+                and all(isinstance(v, torch.Tensor) and v.shape == model[k].shape for k, v in weights.items())):
+            raise ValueError("its 'best_weights' are not weights of this model")
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
         if self.restore_best_weights:
-            self.best_weights = state.get("best_weights")
+            self.best_weights = weights
         if self.wait >= self.patience:  # the checkpoint was saved by a run this plugin had stopped
             trainer.request_stop(
                 f"early-stopping: the run had already stopped ({self.monitor} did not improve for {self.wait} "

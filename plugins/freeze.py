@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from trainer_core import UsageError, did_you_mean, hookimpl, loaded_weights
+from trainer_core import UsageError, check_saved_state, did_you_mean, hookimpl, loaded_weights
 
 if TYPE_CHECKING:
     from torch import nn
@@ -122,6 +122,7 @@ class Freeze:
     def load_plugin_state(self, trainer: Trainer, state: dict[str, Any]) -> None:
         # The core loads plugin state before the optimizer's, so the group added
         # here is in place when the saved optimizer state (two groups) is loaded.
+        check_saved_state(state, unfrozen=bool)
         if state["unfrozen"] and not self.unfrozen:
             self._unfreeze(trainer)
 

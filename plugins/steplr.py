@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from trainer_core import hookimpl, unused_hooks
+from trainer_core import check_saved_state, hookimpl, unused_hooks
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +63,10 @@ class StepLR:
     @hookimpl
     def load_plugin_state(self, state: dict[str, Any]) -> None:
         assert self.scheduler is not None
+        check_saved_state(state, scheduler=dict)
         saved = state["scheduler"]
+        # torch takes any values and fails at a later step: the position and rates are checked now.
+        check_saved_state(saved, step_size=int, gamma=float, last_epoch=int, _step_count=int, base_lrs=[float], _last_lr=[float])
         if (saved["step_size"], saved["gamma"]) != (self.step_size, self.gamma):
             # Options changed on resume: keep the position in the schedule, apply the new shape.
             saved = {**saved, "step_size": self.step_size, "gamma": self.gamma}

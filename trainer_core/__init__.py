@@ -61,6 +61,7 @@ _LAZY = {
     "LAST_CHECKPOINT": "trainer_core.checkpointing",
     "resolve_monitor": "trainer_core.metrics",
     "check_monitor": "trainer_core.metrics",
+    "check_saved_state": "trainer_core.resumecheck",
     "metric_keys": "trainer_core.metrics",
     "atomic_write_bytes": "trainer_core.files",
     "did_you_mean": "trainer_core.suggest",
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
     from trainer_core.metrics import check_monitor, metric_keys, resolve_monitor
     from trainer_core.config import RunConfig, flat_settings
     from trainer_core.data import DataBundle, TensorSplit, held_targets, read_sample
+    from trainer_core.resumecheck import check_saved_state
     from trainer_core.runner import build_run
     from trainer_core.state import TrainState
     from trainer_core.safetensors_file import export_info, read_safetensors, write_safetensors

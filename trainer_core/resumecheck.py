@@ -70,6 +70,53 @@ def check_same_optimizer(payload: Mapping[str, Any], config: RunConfig, source: 
                              f"resume continues the saved optimizer settings; leave {option} out, {fresh}")
 
 
+def check_saved_state(state: Any, **kinds: Any) -> None:
+    """Check a plugin's saved state before its ``load_plugin_state`` uses it: a
+    checkpoint may be damaged, and a value of the wrong kind taken in now (a
+    scheduler's position as text) fails later, mid-run.  ``state`` must be a table
+    holding each keyword's key with a value of its kind: a type, ``None``, a tuple
+    of those, or ``[type]`` for a list of that type.  ``int`` takes no ``bool``;
+    ``float`` takes ``int`` too (and no NaN or infinity).
+
+    Raises ``ValueError`` naming the first key that is missing or of another kind;
+    the resume then stops in one line naming the plugin (exit status 2)::
+
+        check_saved_state(state, monitor=str, best=(float, None), wait=int, lrs=[float])
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(f"it is {_kind(state)}, not a table")
+    for key, kind in kinds.items():
+        if key not in state:
+            raise ValueError(f"it has no '{key}'")
+        value = state[key]
+        if isinstance(kind, list):
+            fits = isinstance(value, list) and all(_is_kind(item, kind[0]) for item in value)
+        else:
+            fits = any(_is_kind(value, k) for k in (kind if isinstance(kind, tuple) else (kind,)))
+        if not fits:
+            raise ValueError(f"its '{key}' is {_kind(value)}, not {_kind_name(kind)}")
+
+
+def _is_kind(value: Any, kind: Any) -> bool:
+    if kind is None:
+        return value is None
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return _number(value)
+    return isinstance(value, kind)
+
+
+def _kind_name(kind: Any) -> str:
+    if isinstance(kind, list):
+        return f"a list of {_kind_name(kind[0])}"
+    if isinstance(kind, tuple):
+        return " or ".join(_kind_name(k) for k in kind)
+    words = {None: "none", int: "a whole number", float: "a number", str: "text", bool: "true or false", dict: "a table",
+             list: "a list"}
+    return words.get(kind, getattr(kind, "__name__", str(kind)))
+
+
 def _check_payload(payload: Mapping[str, Any]) -> None:
     import torch
 
@@ -125,6 +172,13 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
             want = ("a whole number >= 0" if isinstance(default, int) else "a number >= 0" if isinstance(default, float)
                     else "a table" if isinstance(default, dict) else "a list of tables")
             raise _Refused(f"its 'state.{key}' is {_kind(value)}, not {want}")
+    # Evaluations, as the loop records them (summary.json's best and final are read from them).
+    evaluations = [("state.metrics", state["metrics"])] if state.get("metrics") else []
+    evaluations += [(f"state.history[{i}]", m) for i, m in enumerate(state.get("history", []))]
+    for where, metrics in evaluations:
+        if not (_whole(metrics.get("epoch")) and _whole(metrics.get("step")) and all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items())):
+            raise _Refused(f"its '{where}' is not an evaluation (named numbers with a whole epoch and step)")
 
     _check_random_state(part("rng", Mapping), "rng")
     rank_states = part("rank_rng", list, required=False)
@@ -134,9 +188,10 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
 
 def _check_optimizer(groups: list[Mapping[str, Any]], state: Mapping[Any, Mapping[str, Any]], name: object) -> None:
     """Each parameter group holds the settings its optimizer's groups hold (numbers where they
-    are numbers), and each parameter's state what one step of that optimizer leaves (tensors
-    where they are tensors): torch's ``load_state_dict`` takes both unchecked, and the first
-    step would trip over a missing one."""
+    are numbers, switches where they are switches), and each parameter's state what one step
+    of that optimizer with its group's switches leaves (Adam's ``amsgrad`` keeps one more
+    average): torch's ``load_state_dict`` takes both unchecked, and the first step would trip
+    over a missing one."""
     import torch
 
     from trainer_core.config import RunConfig
@@ -146,11 +201,7 @@ def _check_optimizer(groups: list[Mapping[str, Any]], state: Mapping[Any, Mappin
     factory = OPTIMIZERS.get(name if isinstance(name, str) else config.optimizer)
     if factory is None:
         return  # (another optimizer is refused by check_same_optimizer, naming it)
-    parameter = torch.zeros(1, requires_grad=True)
-    optimizer = factory([parameter], config)
-    parameter.grad = torch.ones(1)
-    optimizer.step()
-    group_reference, state_reference = optimizer.param_groups[0], optimizer.state[parameter]
+    group_reference = factory([torch.zeros(1, requires_grad=True)], config).param_groups[0]
     for index, group in enumerate(groups):
         for key, value in group_reference.items():
             if key == "params":
@@ -159,12 +210,37 @@ def _check_optimizer(groups: list[Mapping[str, Any]], state: Mapping[Any, Mappin
                 raise _Refused(f"its optimizer's parameter group {index} has no '{key}'")
             if _number(value) and not (_number(group[key]) or isinstance(group[key], torch.Tensor)):
                 raise _Refused(f"its optimizer's '{key}' in parameter group {index} is {_kind(group[key])}, not a number")
-    for index, entries in state.items():
-        for key, value in state_reference.items():
-            if key not in entries:
-                raise _Refused(f"its optimizer's state of parameter {index!r} has no '{key}'")
-            if isinstance(value, torch.Tensor) and not isinstance(entries[key], torch.Tensor):
-                raise _Refused(f"its optimizer's '{key}' of parameter {index!r} is {_kind(entries[key])}, not a tensor")
+            if isinstance(value, bool) and not isinstance(group[key], bool):
+                raise _Refused(f"its optimizer's '{key}' in parameter group {index} is {_kind(group[key])}, not true or false")
+        # (capturable is where the state lives, a GPU's: it changes no entry, and the CPU cannot step with it)
+        switches = {k: group[k] for k, v in group_reference.items() if isinstance(v, bool) and k != "capturable"}
+        reference = _one_step_state(factory, config, switches)
+        for parameter in group["params"]:
+            entries = state.get(parameter) if isinstance(parameter, int) else None
+            for key, value in reference.items() if entries is not None else ():
+                if key not in entries:
+                    raise _Refused(f"its optimizer's state of parameter {parameter!r} has no '{key}'")
+                if isinstance(value, torch.Tensor) and not isinstance(entries[key], torch.Tensor):
+                    raise _Refused(f"its optimizer's '{key}' of parameter {parameter!r} is {_kind(entries[key])}, not a tensor")
+                if isinstance(value, torch.Tensor) and value.dim() == 0 and entries[key].dim() != 0:
+                    raise _Refused(f"its optimizer's '{key}' of parameter {parameter!r} is a tensor of shape "
+                                   f"{tuple(entries[key].shape)}, not one number")
+
+
+def _one_step_state(factory: Any, config: RunConfig, switches: Mapping[str, bool]) -> dict[str, Any]:
+    """What one step of the optimizer, with these switches, leaves for a parameter."""
+    import torch
+
+    parameter = torch.zeros(1, requires_grad=True)
+    optimizer = factory([parameter], config)
+    optimizer.param_groups[0].update(switches)
+    parameter.grad = torch.ones(1)
+    try:
+        optimizer.step()
+    except (RuntimeError, ValueError, TypeError) as exc:  # (switches no run sets together)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _Refused(f"its optimizer's settings cannot make a step: {first[:200]}") from None
+    return dict(optimizer.state[parameter])
 
 
 def _check_random_state(state: Any, where: str) -> None:

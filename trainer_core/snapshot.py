@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from trainer_core import __version__
 from trainer_core.checkpointing import FORMAT, checkpoint_weights, describe_misfit, load_checkpoint, save_checkpoint
 from trainer_core.distributed import rank_seed
-from trainer_core.errors import UsageError
+from trainer_core.errors import TrainerError, UsageError
 from trainer_core.plugin_api import PluginAPI
 from trainer_core.pluginmanager import call_each
 from trainer_core.runtime import rng_state, seed_everything, set_rng_state
@@ -137,11 +137,20 @@ class Checkpoints(PluginAPI):
         self.losses.load_state_dict(payload)
         # Plugin state before the optimizer's: a plugin that added parameter groups
         # (freeze's unfreezing) rebuilds them so the saved optimizer state fits.
-        saved = payload.get("plugins", {})
+        saved = payload.get("plugins") or {}
         for impl in self.pm.hook.load_plugin_state.get_hookimpls():
             if impl.plugin_name in saved:
                 kwargs = {"trainer": self, "state": saved[impl.plugin_name]}
-                impl.function(**{a: kwargs[a] for a in impl.argnames})
+                try:
+                    impl.function(**{a: kwargs[a] for a in impl.argnames})
+                except TrainerError:
+                    raise
+                except Exception as exc:  # what the state holds is not what the plugin saves: a damaged file
+                    first = (str(exc).strip().splitlines() or [""])[0]
+                    reason = first if isinstance(exc, ValueError) and first else f"{type(exc).__name__}: {first}"
+                    raise UsageError(f"the checkpoint's state of plugin '{impl.plugin_name}' cannot be taken back ({reason}); "
+                                     "resume from another checkpoint, or start a new run from its weights with "
+                                     "-o model.weights=CHECKPOINT") from exc
         if self.optimizer is not None and shards is not None:
             self.strategy.read_shards(self.model, self.optimizer, shards)
         elif self.optimizer is not None and payload.get("optimizer") is not None:
@@ -150,6 +159,7 @@ class Checkpoints(PluginAPI):
             except ValueError as exc:
                 first = str(exc).strip().splitlines()[0]
                 raise UsageError(f"checkpoint's optimizer state does not fit this run's parameters: {first}") from None
+            _check_state_shapes(self.optimizer)
         if self.stepper is not None and payload.get("stepper"):
             self.stepper.load_state_dict(payload["stepper"])
         rank_states = payload.get("rank_rng")
@@ -159,3 +169,15 @@ class Checkpoints(PluginAPI):
             set_rng_state(payload["rng"])
             if self.rank > 0:  # saved by another number of processes (or by rank zero alone): fresh streams
                 seed_everything(rank_seed(self.config.seed, self.rank) + self.state.step)
+
+
+def _check_state_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """torch loads each parameter's saved state (momentum, Adam's averages) as it is: one of
+    another shape would fail the first step, mid-run.  Refuse it now, in one line."""
+    import torch
+
+    for index, (parameter, entries) in enumerate(optimizer.state.items()):
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                raise UsageError(f"checkpoint's optimizer state does not fit this run's parameters: its '{key}' of "
+                                 f"parameter {index} has shape {tuple(value.shape)}, the parameter {tuple(parameter.shape)}")
