@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from trainer_core import UsageError, flat_settings, hookimpl, metric_keys, unused_hooks
+from trainer_core import UsageError, check_saved_state, flat_settings, hookimpl, metric_keys, unused_hooks
 from trainer_core_plugins.tensorboard_pictures import confusion_picture, example_images, example_indices
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class TensorBoard:
     taken in turn from each class) and the graph once, at the first evaluation
     (as the seed did), ``pr/<class>`` curves, the confusion matrix with class
     names, ``weights/*`` and ``grads/*`` histograms, hparams (what runs are
-    compared by first; only the settings that apply).  At its defaults
+    compared by first; a run's values only for settings that apply).  At its defaults
     it does nothing during training steps: per-step work (training accuracy,
     histograms) is opt-in.  The evaluation of weights restored when training
     ends (the checkpoint plugin's best) is logged under ``restored/`` at the
@@ -328,6 +328,7 @@ class TensorBoard:
 
     @hookimpl
     def load_plugin_state(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        check_saved_state(state, correct=int, seen=int)
         # The checkpoint holds rank zero's counts; on the other ranks they would be counted twice.
         if trainer.is_main and self._correct is not None:
             self._correct.fill_(state["correct"])
@@ -467,10 +468,16 @@ class TensorBoard:
         final = {k: v for k, v in trainer.state.metrics.items() if k not in ("epoch", "step") and isinstance(v, (int, float))}
         if not final:
             return
-        metric_tags = {_prefix(trainer) + ("train/loss_epoch" if k == "train/loss" else k): v for k, v in final.items()}
-        values = _hparam_values(trainer)
-        experiment, start, end = hparams(values, metric_tags)
-        for summary in (_compared_first(experiment, values), start, end):
+        # TensorBoard shows the first few metric columns: the headline, the losses, then the rest (per class).
+        first = [trainer.task.headline, "val/loss", "train/loss"]
+        ordered = sorted(final, key=lambda k: first.index(k) if k in first else len(first))
+        metric_tags = {_prefix(trainer) + ("train/loss_epoch" if k == "train/loss" else k): final[k] for k in ordered}
+        every, applying = _hparam_values(trainer)
+        # The columns are every setting (TensorBoard takes them from one run's record, whichever it reads
+        # first: an Adam run's must list SGD's momentum too); this run's values are the settings that apply.
+        experiment, _, _ = hparams(every, metric_tags)
+        _, start, end = hparams(applying, metric_tags)
+        for summary in (_compared_first(experiment), start, end):
             writer.file_writer.add_summary(summary)  # type: ignore[union-attr]
 
 
@@ -480,13 +487,14 @@ def _prefix(trainer: Trainer) -> str:
     return "restored/" if trainer.state.restored is not None else ""
 
 
-#: Settings runs are compared by, first in the HParams table: the optimizer's, the model's and dataset's.
-COMPARED = ("lr", "optimizer", "momentum", "weight_decay", "batch_size", "epochs", "model.", "dataset.")
+#: Settings runs are compared by: the HParams table shows them first (the five it shows at first).
+COMPARED = ("lr", "optimizer", "momentum", "weight_decay", "batch_size")
 
 
-def _hparam_values(trainer: Trainer) -> dict[str, Any]:
-    """The config as flat ``name: number | string | bool`` pairs, those runs are
-    compared by first, without settings that do not apply to this run."""
+def _hparam_values(trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config as flat ``name: number | string | bool`` pairs: all of them, and
+    those that apply to this run (no ``momentum`` but for SGD, no ``compile_mode``
+    without ``--compile``)."""
     config = trainer.config
     flat: dict[str, Any] = {}
     for key, value in config.to_toml().items():
@@ -495,23 +503,21 @@ def _hparam_values(trainer: Trainer) -> dict[str, Any]:
                 flat[f"{key}.{inner}"] = item
         else:
             flat[key] = value
-    if config.optimizer != "sgd":
-        flat.pop("momentum", None)  # only SGD has one
+    every = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+    moot = {"momentum"} if config.optimizer != "sgd" else set()
     if not config.compile:
-        flat.pop("compile_mode", None)
-    ranked = sorted(flat, key=lambda k: next((i for i, c in enumerate(COMPARED) if k == c or k.startswith(c) and c.endswith(".")),
-                                             len(COMPARED)))
-    return {k: flat[k] if isinstance(flat[k], (bool, int, float, str)) else str(flat[k]) for k in ranked}
+        moot.add("compile_mode")
+    return every, {k: v for k, v in every.items() if k not in moot}
 
 
-def _compared_first(experiment: Any, values: Mapping[str, Any]) -> Any:
+def _compared_first(experiment: Any) -> Any:
     """``experiment`` (hparams' summary) with the compared settings marked as the ones that
-    differ between runs: TensorBoard lists those first (it sorts the rest by name)."""
+    differ between runs: TensorBoard lists those first (by name) and shows the first five."""
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     value = experiment.value[0]
     data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
     for info in data.experiment.hparam_infos:
-        info.differs = any(info.name == c or info.name.startswith(c) and c.endswith(".") for c in COMPARED)
+        info.differs = info.name in COMPARED
     value.metadata.plugin_data.content = data.SerializeToString()
     return experiment
