@@ -65,3 +65,15 @@ def test_a_start_refused_by_a_plugin_leaves_the_run_it_would_replace_as_it_was(
     after = snapshot(run)
     assert sorted(after) == sorted(before) and after["metrics.jsonl"] != before["metrics.jsonl"]
     assert b"seed = 1" in after["config.toml"] and b"seed = 1" not in before["config.toml"]
+
+
+def test_a_start_refused_in_an_empty_folder_it_was_given_leaves_it_empty(tmp_path: Path) -> None:
+    # As a run refused in a folder it made removes that folder: the corrected command then runs there.
+    run = tmp_path / "run"
+    run.mkdir()
+    code, output = cli("run", *COMMON, "--epochs", "1", "--model", "mlp", "-o", "model.hidden=8", "--run-dir", run,
+                       "--plugins", "freeze", "-o", "freeze.freeze=nope")
+    assert code == 2 and one_error(output).startswith("error: freeze.freeze: the model has no module 'nope'"), output
+    assert run.is_dir() and list(run.iterdir()) == []
+    code, output = cli("run", *COMMON, "--epochs", "1", "--model", "mlp", "-o", "model.hidden=8", "--run-dir", run)
+    assert code == 0, output

@@ -72,6 +72,9 @@ class RunDir:
         self._held_back: Mapping[str, Any] | None = None
         self._holding_back = False
         self._replacing: str | None = None  # "overwrite", "restart": the run the folder holds goes at begin()
+        # What an existing folder held when it was taken without a run in it (a lock file, stale temporary
+        # files): everything else there is then this run's, for a refused run to remove (see finish).
+        self._found: set[str] | None = None
 
     @classmethod
     def create(cls, path: Path, *, resume: bool = False, overwrite: bool = False, restart: bool = False) -> RunDir:
@@ -112,6 +115,8 @@ class RunDir:
                     # that (a plugin's check of its options) leaves the run the folder holds as it was.
                     run._holding_back = True
                     run._replacing = "restart" if restart and not overwrite else "overwrite"
+            elif not run.created:
+                run._found = {entry.name for entry in path.iterdir()}
         except BaseException:
             run.close()
             run._unmake(empty_only=True)
@@ -141,6 +146,17 @@ class RunDir:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         self.created, self._made = False, []
+
+    def _discard(self) -> None:
+        """Remove what a refused run wrote: the folder it made, or what it added to a folder
+        it was given empty (the lock file goes with :meth:`close`)."""
+        if self.created:
+            self._unmake(empty_only=False)
+            return
+        for entry in self.path.iterdir():
+            if entry.name not in (self._found or set()) and entry.name != LOCK:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def _lock(self) -> None:
         lock = self.path / LOCK
@@ -250,12 +266,13 @@ class RunDir:
         the run itself failed, whose own error says more: then it is a warning.
 
         :param discard: the run was refused before it trained (bad input): a folder this
-            run made goes again, with what is in it, instead of keeping a failed run's record.
+            run made goes again, with what is in it, and an empty folder it was given is left
+            empty again, instead of keeping a failed run's record.
         A run that failed before it passed its start (a continued run before its checkpoint
         was restored, a replacing run before :meth:`begin`) leaves the folder's record
         (``config.toml``, ``metrics.jsonl``, ``summary.json``) as it was."""
-        if discard and self.created:
-            self._unmake(empty_only=False)
+        if discard and (self.created or self._found is not None):
+            self._discard()
             self.close()
             return
         try:
