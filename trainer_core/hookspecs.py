@@ -33,11 +33,15 @@ The order of one run with evaluation every epoch::
 runs instead of the rest when an exception escapes the loop (``on_run_end``
 still comes last).
 
-One rule of order exists: a plugin that *saves* the run's state (a checkpoint
-writer) marks its ``on_batch_end`` / ``on_epoch_end`` implementation
-``@hookimpl(trylast=True)``, so it runs after every other plugin has updated
-its state for that step or epoch (a scheduler's step, an early-stopping
-counter) and the checkpoint resumes exactly.
+Two rules of order exist, both for plugins that save or swap weights.  A plugin
+that *saves* the run's state (a checkpoint writer) marks its ``on_batch_end`` /
+``on_epoch_end`` implementation ``@hookimpl(trylast=True)``, so it runs after
+every other plugin has updated its state for that step or epoch (a scheduler's
+step, an early-stopping counter) and the checkpoint resumes exactly.  At the end,
+it saves in an ``on_fit_end`` wrapper (``@hookimpl(wrapper=True)``, before every
+other ``on_fit_end``), and a plugin that *restores* other weights does it in
+``@hookimpl(tryfirst=True)``, so the trained state is saved first and reporters
+see the restored model.
 """
 
 from __future__ import annotations
