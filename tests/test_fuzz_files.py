@@ -222,3 +222,15 @@ def test_a_schedulers_position_as_text_is_refused_before_anything_changes(finish
                                  "str, not a whole number); resume from another checkpoint, or start a new run from its "
                                  "weights with -o model.weights=CHECKPOINT\n")
     assert snapshot(run) == before
+
+
+def test_a_checkpoint_marked_capturable_resumes_on_the_cpu(finished: Path, tmp_path: Path) -> None:
+    """``capturable`` (a CUDA graph's optimizer) says where the state lives: the resuming run decides it.
+    Taken from the file, Adam's first step on the CPU failed (exit 1); checkpoints are saved uncapturable."""
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert payload["optimizer"]["param_groups"][0]["capturable"] is False
+    payload["optimizer"]["param_groups"][0]["capturable"] = True
+    save_checkpoint(run / "checkpoints" / "last.pt", payload)
+    code, output = cli("run", "--resume", run / "checkpoints" / "last.pt", "--epochs", "2", "-q")
+    assert code == 0, output

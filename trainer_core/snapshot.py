@@ -160,6 +160,9 @@ class Checkpoints(PluginAPI):
                 first = str(exc).strip().splitlines()[0]
                 raise UsageError(f"checkpoint's optimizer state does not fit this run's parameters: {first}") from None
             _check_state_shapes(self.optimizer)
+            for group in self.optimizer.param_groups:  # where the state lives is this run's to say, not the file's
+                if "capturable" in group:
+                    group["capturable"] = self.optimizer.defaults.get("capturable", False)
         if self.stepper is not None and payload.get("stepper"):
             self.stepper.load_state_dict(payload["stepper"])
         rank_states = payload.get("rank_rng")
