@@ -254,6 +254,13 @@ def test_runs_lists_finished_incomplete_and_running_runs(trained: dict, tmp_path
     assert (rows["killed"]["status"], rows["killed"]["best"], rows["killed"]["best_epoch"]) == ("incomplete", 0.75, 2)
     assert (rows["running"]["status"], rows["running"]["best"]) == ("running", None)
 
+    # A finished run taken again by a live one (--overwrite, --resume) is running: its old summary is the last session's.
+    replacing = RunDir.create(finished, overwrite=True)
+    code, output = invoke("runs", runs, "--json")
+    replacing.close()
+    again = {r["name"]: r for r in json.loads(output)}["finished"]
+    assert (again["status"], again["duration_s"]) == ("running", None), again
+
     code, output = invoke("runs", runs, "--metric", "val/loss")
     assert code == 0, output
     header, *lines = output.splitlines()

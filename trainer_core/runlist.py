@@ -70,7 +70,11 @@ def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
     # A finished run says when it first started; a running or killed one, by its config file's time.
     started = (folder / CONFIG) if (folder / CONFIG).exists() else folder
     started_at = started.stat().st_mtime
-    if isinstance(summary, dict):
+    lock = folder / LOCK
+    # A live run holds the lock: one continuing (--resume) or replacing (--overwrite) a finished run
+    # is running, whatever the summary.json of the session before it says.
+    running = lock.exists() and not lock_is_stale(lock)
+    if isinstance(summary, dict) and not running:
         status = str(summary.get("status", "unknown"))
         duration = summary.get("duration_s")  # every session of the run, a resume's included
         session = summary.get("session_duration_s")
@@ -81,8 +85,7 @@ def describe_run(folder: Path, metric: str | None = None) -> dict[str, Any]:
         except (KeyError, ValueError, OverflowError, OSError):
             pass  # a summary written before it recorded the start
     else:
-        lock = folder / LOCK
-        status = "running" if lock.exists() and not lock_is_stale(lock) else "incomplete"
+        status = "running" if running else "incomplete"
         duration = session = None
     if problems:
         status = "unreadable"
