@@ -5,7 +5,9 @@ same batches, and the same run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +67,31 @@ def test_two_runs_with_and_without_loader_processes_match(folder: Path, tmp_path
         assert result.exit_code == 0, result.output
         lines[workers] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[0] == lines[2] and len(lines[0]) == 1
+
+
+def live_children() -> set[int]:
+    """This process's children that have not ended (zombies, ended but not reaped, left out)."""
+    found = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # (a thread, or a child, that ended meanwhile)
+            for pid in (task / "children").read_text().split():
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.add(int(pid))
+    return found
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task").exists(), reason="needs Linux's /proc")
+def test_loader_processes_end_with_the_run_not_at_the_next_garbage_collection(folder: Path, tmp_path: Path) -> None:
+    # They ignore SIGTERM (a stop sent to the process group is the trainer's); left to the garbage collector,
+    # which closes their queues first, each was waited for 5 s in whatever ran next, and then left running.
+    before = live_children()
+    first_epochs(folder, 2)  # a Batches dropped: its loader processes go with it
+    assert live_children() <= before
+    result = CliRunner().invoke(make_cli(), [
+        "run", "--dataset", "imagefolder", "--data-root", str(folder), "-o", "dataset.image_size=16", "--model", "mlp",
+        "--batch-size", "4", "--epochs", "1", "--num-workers", "2", "--run-dir", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert live_children() <= before  # a finished run's (its trainer not yet collected)
+    result = CliRunner().invoke(make_cli(), ["eval", "--checkpoint", str(tmp_path / "run")])  # (the run's 2 loader processes)
+    assert result.exit_code == 0, result.output
+    assert live_children() <= before

@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
 
@@ -183,17 +184,15 @@ class Batches:
             self.tensors = None
             self.sampler = EpochBatchSampler(self)
             workers = default_workers(device) if num_workers is None else num_workers
-            self.loader = DataLoader(
-                SeededSamples(ReadErrorsNamed(split), seed),
+            self._loader_options = dict(
+                dataset=SeededSamples(ReadErrorsNamed(split), seed),
                 batch_sampler=self.sampler,
-                # Its own generator: drawing the workers' base seed leaves the run's random stream alone,
-                # with any number of loader processes (0 draws it again every epoch).
-                generator=torch.Generator().manual_seed(seed),
                 num_workers=workers,
                 pin_memory=device.type == "cuda",
                 persistent_workers=workers > 0,  # workers outlive an epoch: no start-up cost per epoch
                 worker_init_fn=ignore_stop_signals,
             )
+            self.loader = self._new_loader()
         shape = (1, -1, *[1] * (input_dims - 1))  # per channel of an image, per feature of a vector
         self.mean = torch.tensor(mean, device=device).view(shape) if mean is not None else None
         self.std = torch.tensor(std, device=device).view(shape) if std is not None else None
@@ -201,6 +200,18 @@ class Batches:
     def __len__(self) -> int:
         """Steps per epoch: the same on every rank for training."""
         return self.steps
+
+    def _new_loader(self) -> DataLoader:
+        # Its own generator: drawing the workers' base seed leaves the run's random stream alone,
+        # with any number of loader processes (0 draws it again every epoch).
+        return DataLoader(**self._loader_options, generator=torch.Generator().manual_seed(self.seed))
+
+    def close(self) -> None:
+        """End the loader processes now (a later iteration starts new ones).  Left to the
+        garbage collector (a dropped trainer sits in reference cycles), they ignore the
+        SIGTERM that ends them, and each was waited for 5 s, mid-way through whatever ran then."""
+        if self.loader is not None and self.loader.num_workers > 0:
+            self.loader = self._new_loader()  # the old one, and with it its workers, go now
 
     def _training_positions(self) -> torch.Tensor:
         """Where this rank's samples sit in an epoch's order, step after step
@@ -352,8 +363,17 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, batches: Batches) -> None:
-        self.batches = batches
+        # Not a reference: Batches holds this sampler, and a cycle would leave a dropped Batches to the
+        # garbage collector, whose finalizers close the loader's queues before its workers are told to
+        # stop (they ignore SIGTERM): each join then waited its 5 s, mid-way through whatever ran next.
+        self._batches = weakref.ref(batches)
         self.epoch, self.start = 0, 0
+
+    @property
+    def batches(self) -> Batches:
+        batches = self._batches()
+        assert batches is not None, "the sampler of a Batches that is gone"
+        return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         batches, epoch = self.batches, self.epoch

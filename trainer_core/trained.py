@@ -274,6 +274,9 @@ def evaluate(trained: Trained, split: str, device: str, batch_size: int | None,
     trainer.state.epoch = trained.epoch or 0
     trainer.state.step = (trained.payload.get("state") or {}).get("step", 0)
     trainer.pm.hook.on_fit_start(trainer=trainer)
-    return trainer.evaluate(), classes
+    try:
+        return trainer.evaluate(), classes
+    finally:
+        trainer.close_loaders()
 
 

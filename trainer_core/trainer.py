@@ -121,9 +121,16 @@ class Trainer(Checkpoints):
                                           checkpoints=self.checkpoint_files) if self.is_main else None
                     self.run_dir.finish(summary, failed=error is not None, discard=refused)
             finally:
+                self.close_loaders()
                 # Last, on every path (a summary.json that could not be written too): trackers report the
                 # outcome and copy summary.json (guarded: never raises).
                 call_each_guarded(self.pm, "on_run_end", trainer=self, status=status, summary=summary)
+
+    def close_loaders(self) -> None:
+        """End the loader processes of both splits (a later ``fit`` or ``evaluate`` starts
+        new ones); ``fit`` does it when it ends, whatever the end."""
+        self.train_batches.close()
+        self.val_batches.close()
 
     def _fit(self) -> None:
         self._emit("on_setup", trainer=self)
