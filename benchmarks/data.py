@@ -63,7 +63,7 @@ from torchvision import transforms
 from trainer_core_plugins.datasets.mnist import FILES, load_fashion_mnist
 from trainer_core_plugins.models.mlp import build as build_mlp
 from trainer_core.config import RunConfig
-from trainer_core.data import default_workers
+from trainer_core.loading import default_workers
 from trainer_core.trainer import Trainer
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")

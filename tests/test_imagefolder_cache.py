@@ -17,7 +17,8 @@ from torchvision.transforms import functional as TF
 
 from trainer_core import TensorSplit, UsageError
 from trainer_core.cli import make_cli
-from trainer_core.data import Batches, default_workers
+from trainer_core.data import Batches
+from trainer_core.loading import default_workers
 from trainer_core_plugins.datasets import imagefolder
 from trainer_core_plugins.datasets.batch_crops import crop_boxes, resized_crops
 from trainer_core_plugins.datasets.folder_cache import check_fits

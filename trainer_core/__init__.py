@@ -42,7 +42,7 @@ _LAZY = {
     "Task": "trainer_core.task",
     "metric_mode": "trainer_core.task",
     "held_targets": "trainer_core.data",
-    "read_sample": "trainer_core.data",
+    "read_sample": "trainer_core.loading",
     "named_best_checkpoint": "trainer_core.checkpointing",
     "flat_settings": "trainer_core.config",
     "TrainState": "trainer_core.state",
@@ -83,7 +83,8 @@ if TYPE_CHECKING:
     from trainer_core.files import atomic_write_bytes
     from trainer_core.metrics import check_monitor, metric_keys, resolve_monitor
     from trainer_core.config import RunConfig, flat_settings
-    from trainer_core.data import DataBundle, TensorSplit, held_targets, read_sample
+    from trainer_core.data import DataBundle, TensorSplit, held_targets
+    from trainer_core.loading import read_sample
     from trainer_core.resumecheck import check_saved_state
     from trainer_core.runner import build_run
     from trainer_core.state import TrainState
