@@ -143,12 +143,11 @@ class EarlyStopping:
             )
             return
         weights = state.get("best_weights")
-        model = trainer.model.state_dict()
-        # Loaded when the run ends: weights that do not fit would fail only then.
-        if self.restore_best_weights and weights is not None and not (
-                isinstance(weights, dict) and weights.keys() == model.keys()
-                and all(isinstance(v, torch.Tensor) and v.shape == model[k].shape for k, v in weights.items())):
-            raise ValueError("its 'best_weights' are not weights of this model")
+        if self.restore_best_weights and weights is not None:  # loaded when the run ends: a misfit would fail only then
+            model = trainer.model.state_dict()
+            if not (isinstance(weights, dict) and weights.keys() == model.keys()
+                    and all(isinstance(v, torch.Tensor) and v.shape == model[k].shape for k, v in weights.items())):
+                raise ValueError("its 'best_weights' are not weights of this model")
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
         if self.restore_best_weights:
             self.best_weights = weights

@@ -226,9 +226,8 @@ def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> li
     was loaded, adapted and left fresh is recorded on the model with the input
     normalisation our checkpoints carry (:func:`~trainer_core.loaded_weights`).
     """
-    from trainer_core.transfer import LoadedWeights, Normalization, adapt_input_channels, record_loaded
-
     from trainer_core.safetensors_file import is_safetensors, read_safetensors
+    from trainer_core.transfer import LoadedWeights, Normalization, adapt_input_channels, record_loaded
 
     normalization = None
     if isinstance(source, Mapping):
@@ -236,8 +235,8 @@ def load_weights(model: torch.nn.Module, source: Path | Mapping[str, Any]) -> li
         where = "the given state dict"
     elif is_safetensors(Path(source)):  # any program's; trainer export's JSON says what inputs they were trained on
         found = read_safetensors(Path(source))
-        weights, info = found.weights, found.info or {}
-        normalization = Normalization.read({"mean": info["mean"], "std": info["std"]}) if {"mean", "std"} <= info.keys() else None
+        weights = found.weights
+        normalization = Normalization.read({k: v for k, v in (found.info or {}).items() if k in ("mean", "std")})
         where = str(source)
     else:
         payload = load_checkpoint(Path(source))
